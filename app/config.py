@@ -1,0 +1,139 @@
+"""Service configuration: one frozen Settings, read only from AUTOMAGIK_OMNI_* variables."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import urlparse
+
+PREFIX = "AUTOMAGIK_OMNI_"
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment (SPEC section 3)."""
+
+    api_key: str
+    database_url: str = "postgresql://omni:omni@localhost:5432/omni"
+    host: str = "0.0.0.0"
+    port: int = 8882
+    workers: int = 2
+    threads: int = 16
+    enable_tracing: bool = True
+    trace_retention_days: int = 30
+    log_level: str = "INFO"
+    enable_metrics: bool = True
+    enable_detailed_logging: bool = True
+    loki_url: str | None = None
+    slow_message_seconds: float = 10.0
+    store_message_content: bool = True
+    log_message_content: bool = False
+    # Beyond SPEC 3: operational limits an operator may need to tune.
+    env: str = "dev"
+    max_in_flight: int = 2000
+    metrics_token: str | None = None
+    evolution_timeout_s: float = 15.0
+    auth_failures_per_minute: int = 10
+    webhook_rate_per_instance: int = 0
+    webhook_rate_per_address: int = 0
+    db_pool_size: int = 8
+    purge_interval_s: float = 3600.0
+    sweep_interval_s: float = 60.0
+    shutdown_grace_s: float = 20.0
+    trusted_proxies: int = 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *,
+                 require_api_key: bool = True) -> "Settings":
+        """Build Settings from the environment; raise ConfigError naming the bad variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            name = PREFIX + field.name.upper()
+            raw = env.get(name)
+            if raw is None or (raw.strip() == "" and field.name != "api_key"):
+                continue
+            values[field.name] = _parse(name, field.type, raw.strip())
+        if not values.get("api_key") and not require_api_key:
+            values["api_key"] = "unused-by-admin-commands"
+        if not values.get("api_key"):
+            raise ConfigError(f"{PREFIX}API_KEY is required: set it to the value clients send "
+                              "in the x-api-key header")
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check ranges and formats; raise ConfigError naming the variable."""
+        def bad(field: str, why: str) -> ConfigError:
+            return ConfigError(f"{PREFIX}{field.upper()}: {why}")
+
+        if len(self.api_key) < 8:
+            raise bad("api_key", "must be at least 8 characters")
+        if urlparse(self.database_url).scheme not in ("postgresql", "postgres"):
+            raise bad("database_url", "must be a postgresql:// URL")
+        if not 1 <= self.port <= 65535:
+            raise bad("port", f"{self.port} is not a TCP port (1-65535)")
+        if not 1 <= self.workers <= 64:
+            raise bad("workers", "must be between 1 and 64")
+        if not 1 <= self.threads <= 256:
+            raise bad("threads", "must be between 1 and 256")
+        if not 1 <= self.trace_retention_days <= 36500:
+            raise bad("trace_retention_days", "must be between 1 and 36500")
+        if self.log_level not in LOG_LEVELS:
+            raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        if self.loki_url is not None and urlparse(self.loki_url).scheme not in ("http", "https"):
+            raise bad("loki_url", "must be an http:// or https:// URL")
+        for name in ("slow_message_seconds", "evolution_timeout_s", "purge_interval_s",
+                     "sweep_interval_s", "shutdown_grace_s"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be greater than 0")
+        for name in ("max_in_flight", "auth_failures_per_minute", "db_pool_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        for name in ("webhook_rate_per_instance", "webhook_rate_per_address", "trusted_proxies"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be 0 (unlimited) or more")
+
+    def public(self) -> dict:
+        """The settings with every secret masked, for logs and diagnostics."""
+        data = dataclasses.asdict(self)
+        for secret in ("api_key", "metrics_token"):
+            if data[secret]:
+                data[secret] = "****"
+        parsed = urlparse(self.database_url)
+        if parsed.password:
+            data["database_url"] = self.database_url.replace(f":{parsed.password}@", ":****@", 1)
+        return data
+
+
+def _parse(name: str, kind: object, raw: str) -> object:
+    kind = str(kind)
+    if kind == "bool":
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{name}: {raw!r} is not a boolean (use true/false, 1/0, yes/no)")
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not a whole number") from None
+    if kind == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not a number") from None
+    if name.endswith("LOG_LEVEL"):
+        return raw.upper()
+    return raw

@@ -1,0 +1,217 @@
+"""PostgreSQL access: a small blocking pool, query helpers and the migration runner.
+
+This is the only module that imports psycopg2; everything else speaks SQL with
+%(name)s parameters through the helpers here and sees DatabaseUnavailable on outages.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+log = logging.getLogger("omni.db")
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# Any constant works; it only has to be the same for every process running migrations.
+MIGRATION_LOCK_ID = 72_011_001
+
+psycopg2.extras.register_uuid()
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached or the connection broke."""
+
+
+class DatabaseError(Exception):
+    """The database answered with an error (constraint, bad SQL, timeout)."""
+
+
+class UniqueViolation(DatabaseError):
+    """An INSERT or UPDATE hit a unique constraint."""
+
+
+def _translate(exc: Exception) -> Exception:
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and not isinstance(
+        exc, psycopg2.errors.QueryCanceled
+    ):
+        return DatabaseUnavailable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if isinstance(exc, psycopg2.errors.UniqueViolation):
+        return UniqueViolation(str(exc).strip())
+    return DatabaseError(str(exc).strip())
+
+
+class Database:
+    """A bounded pool of connections; callers block (briefly) when all are in use."""
+
+    def __init__(self, url: str, *, size: int = 8, connect_timeout: int = 3,
+                 statement_timeout_ms: int = 15000, application_name: str = "omni") -> None:
+        self.url = url
+        self._size = size
+        self._idle: "queue.LifoQueue[psycopg2.extensions.connection]" = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._kwargs = {
+            "connect_timeout": connect_timeout,
+            "application_name": application_name,
+            # Keepalives detect a dead server on idle pooled connections.
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            "options": f"-c statement_timeout={statement_timeout_ms} -c timezone=UTC",
+        }
+
+    def _connect(self) -> psycopg2.extensions.connection:
+        try:
+            return psycopg2.connect(self.url, **self._kwargs)
+        except psycopg2.Error as exc:
+            raise _translate(exc) from None
+
+    @contextlib.contextmanager
+    def connection(self, *, wait: float = 10.0) -> Iterator[psycopg2.extensions.connection]:
+        """Borrow a connection; commit on success, roll back on error, discard if broken."""
+        if not self._slots.acquire(timeout=wait):
+            raise DatabaseUnavailable("connection pool exhausted")
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            try:
+                yield conn
+                conn.commit()
+            except psycopg2.Error as exc:
+                self._discard_or_rollback(conn)
+                conn = None if conn.closed else conn
+                raise _translate(exc) from None
+            except BaseException:
+                self._discard_or_rollback(conn)
+                conn = None if conn.closed else conn
+                raise
+        finally:
+            if conn is not None and not conn.closed:
+                self._idle.put(conn)
+            self._slots.release()
+
+    @staticmethod
+    def _discard_or_rollback(conn: psycopg2.extensions.connection) -> None:
+        try:
+            conn.rollback()
+        except psycopg2.Error:
+            conn.close()
+
+    @contextlib.contextmanager
+    def cursor(self, *, dict_rows: bool = True) -> Iterator[Any]:
+        """A cursor in its own transaction (dict rows by default)."""
+        factory = psycopg2.extras.RealDictCursor if dict_rows else None
+        with self.connection() as conn:
+            with conn.cursor(cursor_factory=factory) as cur:
+                yield cur
+
+    def fetchall(self, sql: str, params: Any = None) -> list[dict]:
+        """Rows of a query as dicts."""
+        with self.cursor() as cur:
+            cur.execute(sql, params)
+            return list(cur.fetchall())
+
+    def fetchone(self, sql: str, params: Any = None) -> dict | None:
+        """The first row of a query as a dict, or None."""
+        with self.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchone()
+
+    def execute(self, sql: str, params: Any = None) -> int:
+        """Run a statement; return the number of rows it touched."""
+        with self.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.rowcount
+
+    def ping(self) -> None:
+        """Raise DatabaseUnavailable unless the server answers."""
+        self.fetchone("SELECT 1 AS ok")
+
+    def close(self) -> None:
+        """Close idle connections (in-use ones close when returned after this)."""
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+def execute_values(cur: Any, sql: str, rows: Sequence[Sequence[Any]], *, template: str | None = None,
+                   fetch: bool = False, page_size: int = 1000) -> list:
+    """Many rows in one statement (the `VALUES %s` of `sql` is expanded)."""
+    return psycopg2.extras.execute_values(cur, sql, rows, template=template, fetch=fetch,
+                                          page_size=page_size) or []
+
+
+def jsonb(value: Any) -> Any:
+    """Adapt a Python value for a jsonb parameter."""
+    return psycopg2.extras.Json(value)
+
+
+def connect_once(url: str, *, connect_timeout: int = 3) -> psycopg2.extensions.connection:
+    """A single autocommit connection outside any pool (CLI, gunicorn master hooks)."""
+    try:
+        conn = psycopg2.connect(url, connect_timeout=connect_timeout, application_name="omni-admin",
+                                options="-c timezone=UTC")
+    except psycopg2.Error as exc:
+        raise _translate(exc) from None
+    conn.autocommit = True
+    return conn
+
+
+def run_admin(url: str, sql: str, params: Any = None) -> int:
+    """Run one statement on a fresh connection; return rows touched."""
+    conn = connect_once(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.rowcount
+    except psycopg2.Error as exc:
+        raise _translate(exc) from None
+    finally:
+        conn.close()
+
+
+def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
+    """The numbered migration files, in order."""
+    files = sorted(p for p in sql_dir.glob("[0-9][0-9][0-9]_*.sql"))
+    numbers = [p.name[:3] for p in files]
+    if len(set(numbers)) != len(numbers):
+        raise RuntimeError(f"two migrations share a number in {sql_dir}")
+    return files
+
+
+def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply pending migrations in one transaction under an advisory lock; return what ran."""
+    conn = connect_once(url, connect_timeout=10)
+    conn.autocommit = False
+    applied: list[str] = []
+    try:
+        with conn.cursor() as cur:
+            # Serialises concurrent runs: the second waits, then finds nothing left to do.
+            cur.execute("SELECT pg_advisory_xact_lock(%(id)s)", {"id": MIGRATION_LOCK_ID})
+            cur.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                               version text PRIMARY KEY,
+                               applied_at timestamptz NOT NULL DEFAULT now())""")
+            cur.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in cur.fetchall()}
+            for path in migration_files(sql_dir):
+                if path.name in done:
+                    continue
+                cur.execute(path.read_text())
+                cur.execute("INSERT INTO schema_migrations (version) VALUES (%(v)s)", {"v": path.name})
+                applied.append(path.name)
+        conn.commit()
+    except psycopg2.Error as exc:
+        conn.rollback()
+        raise _translate(exc) from None
+    finally:
+        conn.close()
+    return applied

@@ -1,0 +1,193 @@
+"""Every Prometheus metric of the service (SPEC section 5), in one place.
+
+Under gunicorn the module runs in multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set
+by app/gunicorn.conf.py before any worker imports prometheus_client, and one scrape of
+/metrics merges the files of every live and dead worker.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import os
+import threading
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.mmap_dict import MmapedDict
+
+STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
+STEP_STATUSES = ("success", "failed")
+MESSAGE_STATUSES = ("completed", "failed", "error")
+UPSTREAM_REASONS = {
+    "agent": ("timeout", "connection", "http_4xx", "http_5xx", "bad_response"),
+    "evolution": ("timeout", "connection", "http_4xx", "http_5xx"),
+    "database": ("unavailable", "write_failed"),
+    "loki": ("connection", "http_4xx", "http_5xx", "timeout", "dropped"),
+}
+REJECT_REASONS = (
+    "unknown_instance", "disabled_instance", "bad_secret", "malformed", "too_large",
+    "database_unavailable", "overloaded", "rate_limited",
+)
+AUTH_REASONS = ("missing_key", "wrong_key", "missing_webhook_secret", "wrong_webhook_secret",
+                "rate_limited", "metrics_token")
+
+# Messages take 3 to 7 s end to end; the slow-message alert counts le="10".
+MESSAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 30, 60, 120)
+# Steps range from sub-millisecond (validation) to the agent's seconds.
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5,
+                6, 7, 8, 10, 15, 20, 30, 60, 120)
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+MESSAGES = Counter("omni_messages_total", "Messages that reached a final status.",
+                   ["instance", "status"])
+MESSAGE_DURATION = Histogram("omni_message_duration_seconds",
+                             "End-to-end time from webhook to final status.",
+                             ["instance", "status"], buckets=MESSAGE_BUCKETS)
+STEP_DURATION = Histogram("omni_message_step_duration_seconds",
+                          "Time spent in each processing step.",
+                          ["instance", "step", "status"], buckets=STEP_BUCKETS)
+AGENT_FIRST_CHUNK = Histogram("omni_agent_first_chunk_seconds",
+                              "Time from the agent call to its first streamed chunk.",
+                              ["instance"], buckets=STEP_BUCKETS)
+HTTP_DURATION = Histogram("omni_http_request_duration_seconds",
+                          "HTTP requests served, by route template.",
+                          ["method", "route", "status"], buckets=HTTP_BUCKETS)
+WEBHOOK_REJECTED = Counter("omni_webhook_rejected_total", "Webhooks refused, by reason.", ["reason"])
+UPSTREAM_ERRORS = Counter("omni_upstream_errors_total", "Failed calls to a dependency.",
+                          ["upstream", "reason"])
+AUTH_FAILURES = Counter("omni_auth_failures_total", "Failed authentications, by reason.", ["reason"])
+LOG_RECORDS_DROPPED = Counter("omni_log_records_dropped_total",
+                              "Log records that could not be delivered to Loki.")
+IN_FLIGHT = Gauge("omni_messages_in_flight", "Accepted messages still being processed.",
+                  multiprocess_mode="livesum")
+# Per-worker resources: 'liveall' keeps one series per live worker (pid label) and drops
+# a worker's series when gunicorn reports it dead.
+WORKER_MEMORY = Gauge("omni_worker_resident_memory_bytes", "Resident memory of a worker.",
+                      multiprocess_mode="liveall")
+WORKER_CPU = Gauge("omni_worker_cpu_seconds", "CPU seconds used by a worker since it started.",
+                   multiprocess_mode="liveall")
+WORKER_CONNECTIONS = Gauge("omni_worker_open_connections",
+                           "Open TCP connections of a worker (clients, database, upstreams).",
+                           multiprocess_mode="liveall")
+WORKER_THREADS = Gauge("omni_worker_threads", "Threads of a worker.", multiprocess_mode="liveall")
+BUILD_INFO = Gauge("omni_build_info", "Version of the running service.", ["version"],
+                   multiprocess_mode="max")
+
+_seeded: set[str] = set()
+_seed_lock = threading.Lock()
+
+
+def multiprocess_enabled() -> bool:
+    """True when prometheus_client writes to a shared directory (gunicorn)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def seed_static(version: str) -> None:
+    """Create the series whose labels are known in advance, at 0 (SPEC 5)."""
+    BUILD_INFO.labels(version=version).set(1)
+    for upstream, reasons in UPSTREAM_REASONS.items():
+        for reason in reasons:
+            UPSTREAM_ERRORS.labels(upstream=upstream, reason=reason)
+    for reason in REJECT_REASONS:
+        WEBHOOK_REJECTED.labels(reason=reason)
+    for reason in AUTH_REASONS:
+        AUTH_FAILURES.labels(reason=reason)
+    LOG_RECORDS_DROPPED.inc(0)
+
+
+def seed_instance(instance: str) -> None:
+    """Create an instance's message and step series at 0 the first time it is used."""
+    if instance in _seeded:
+        return
+    with _seed_lock:
+        if instance in _seeded:
+            return
+        for status in MESSAGE_STATUSES:
+            MESSAGES.labels(instance=instance, status=status)
+            MESSAGE_DURATION.labels(instance=instance, status=status)
+        for step in STEPS:
+            for status in STEP_STATUSES:
+                STEP_DURATION.labels(instance=instance, step=step, status=status)
+        AGENT_FIRST_CHUNK.labels(instance=instance)
+        _seeded.add(instance)
+
+
+def sample_worker_resources() -> None:
+    """Record this worker's memory, CPU, connections and threads (called periodically)."""
+    import psutil
+
+    proc = psutil.Process()
+    with proc.oneshot():
+        WORKER_MEMORY.set(proc.memory_info().rss)
+        times = proc.cpu_times()
+        WORKER_CPU.set(times.user + times.system)
+        WORKER_THREADS.set(proc.num_threads())
+    try:
+        WORKER_CONNECTIONS.set(len(proc.net_connections(kind="tcp")))
+    except (psutil.Error, OSError):
+        pass
+
+
+@contextlib.contextmanager
+def _dir_lock(path: str, exclusive: bool):
+    # Compaction moves counts between files; the lock keeps a scrape from seeing them twice.
+    with open(os.path.join(path, ".compact.lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def compact_dead_worker(pid: int, path: str | None = None) -> None:
+    """Mark a worker dead and fold its counter and histogram files into archive files.
+
+    Without this every restarted worker (max_requests, crashes) leaves files behind that
+    each scrape must read forever; with it counts survive and the directory stays small.
+    """
+    path = path or os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    multiprocess.mark_process_dead(pid, path)
+    with _dir_lock(path, exclusive=True):
+        for typ in ("counter", "histogram"):
+            dead = os.path.join(path, f"{typ}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            archive = MmapedDict(os.path.join(path, f"{typ}_archive.db"))
+            try:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):
+                    old, _ = archive.read_value(key)
+                    archive.write_value(key, old + value, timestamp)
+            finally:
+                archive.close()
+            os.remove(dead)
+        for leftover in glob.glob(os.path.join(path, f"gauge_*_{pid}.db")):
+            os.remove(leftover)
+
+
+def wipe_multiprocess_dir(path: str) -> None:
+    """Empty (or create) the multiprocess directory at service start."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db") or name == ".compact.lock":
+            os.remove(os.path.join(path, name))
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of every metric, merged over all workers when multiprocess."""
+    if multiprocess_enabled():
+        path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path)
+        with _dir_lock(path, exclusive=False):
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

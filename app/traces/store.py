@@ -1,0 +1,207 @@
+"""SQL for the message_trace table: writes, filtered keyset listing, analytics, retention."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.db import Database, execute_values, jsonb
+
+STEP_NAMES = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
+TRACE_STATUSES = ("processing", "completed", "failed", "error")
+PURGE_LOCK_ID = 72_011_002
+
+TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_content, response_content,
+    status, duration_ms, created_at, updated_at, steps, failed_step, error_message"""
+
+
+@dataclass
+class NewTrace:
+    """A trace row as the webhook writes it, before processing."""
+
+    trace_id: uuid.UUID
+    instance_id: int
+    instance_name: str
+    message_id: str
+    user_id: str
+    message_content: str | None
+    created_at: dt.datetime
+    steps: list[dict]
+    owner: str
+
+
+@dataclass
+class FinishedTrace:
+    """The final state of a trace."""
+
+    trace_id: uuid.UUID
+    status: str
+    duration_ms: int
+    response_content: str | None
+    steps: list[dict]
+    failed_step: str | None
+    error_message: str | None
+    updated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+
+@dataclass(frozen=True)
+class TraceFilter:
+    """The validated filters of GET /api/v1/traces."""
+
+    instance_name: str | None = None
+    status: str | None = None
+    user_id: str | None = None
+    min_duration: int | None = None
+    max_duration: int | None = None
+    start_date: dt.datetime | None = None
+    end_date: dt.datetime | None = None
+    failed_step: str | None = None
+
+
+# Each filter is a fixed SQL fragment with a named parameter; values never enter the text.
+_FILTER_SQL = {
+    "instance_name": "instance_name = %(instance_name)s",
+    "status": "status = %(status)s",
+    "user_id": "user_id = %(user_id)s",
+    "min_duration": "duration_ms >= %(min_duration)s",
+    "max_duration": "duration_ms <= %(max_duration)s",
+    "start_date": "created_at >= %(start_date)s",
+    "end_date": "created_at <= %(end_date)s",
+    "failed_step": "failed_step = %(failed_step)s",
+}
+
+
+def _where(flt: TraceFilter, extra: list[str] | None = None) -> tuple[str, dict]:
+    params = {k: v for k, v in flt.__dict__.items() if v is not None}
+    clauses = [_FILTER_SQL[k] for k in params] + (extra or [])
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+class TraceStore:
+    """Reads and writes message_trace."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # --- writes (called by the writer thread with its own cursor) -------------------------
+
+    @staticmethod
+    def insert_new(cur: Any, rows: list[NewTrace]) -> dict[tuple[int, str], tuple[uuid.UUID, bool]]:
+        """Insert rows; map (instance_id, message_id) to (trace_id, inserted?) incl. duplicates."""
+        values = [(r.trace_id, r.instance_id, r.instance_name, r.message_id, r.user_id,
+                   r.message_content, "processing", r.created_at, r.created_at, jsonb(r.steps), r.owner)
+                  for r in rows]
+        inserted = execute_values(
+            cur,
+            """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id, user_id,
+                   message_content, status, created_at, updated_at, steps, owner)
+               VALUES %s ON CONFLICT (instance_id, message_id) DO NOTHING
+               RETURNING instance_id, message_id, trace_id""",
+            values, fetch=True)
+        result = {(row[0], row[1]): (row[2], True) for row in inserted}
+        missing = {(r.instance_id, r.message_id) for r in rows} - result.keys()
+        if missing:
+            existing = execute_values(
+                cur,
+                """SELECT t.instance_id, t.message_id, t.trace_id FROM message_trace t
+                   JOIN (VALUES %s) AS k(instance_id, message_id)
+                     ON t.instance_id = k.instance_id AND t.message_id = k.message_id""",
+                sorted(missing), template="(%s::int, %s::text)", fetch=True)
+            result.update({(row[0], row[1]): (row[2], False) for row in existing})
+        return result
+
+    @staticmethod
+    def finish(cur: Any, rows: list[FinishedTrace]) -> None:
+        """Write final states; rows already finalised (e.g. by a sweep) are left alone."""
+        values = [(r.trace_id, r.status, r.duration_ms, r.response_content, jsonb(r.steps),
+                   r.failed_step, r.error_message, r.updated_at) for r in rows]
+        execute_values(
+            cur,
+            """UPDATE message_trace t SET status = v.status, duration_ms = v.duration_ms,
+                   response_content = v.response_content, steps = v.steps,
+                   failed_step = v.failed_step, error_message = v.error_message,
+                   updated_at = v.updated_at
+               FROM (VALUES %s) AS v(trace_id, status, duration_ms, response_content, steps,
+                                     failed_step, error_message, updated_at)
+               WHERE t.trace_id = v.trace_id AND t.status = 'processing'""",
+            values, template="(%s::uuid, %s, %s::int, %s, %s::jsonb, %s, %s, %s::timestamptz)")
+
+    # --- recovery ------------------------------------------------------------------------
+
+    def abandon_owned(self, owner_like: str, reason: str, keep_owner: str | None = None) -> int:
+        """Mark unfinished rows of dead workers (owner pattern) as error."""
+        return self.db.execute(
+            """UPDATE message_trace SET status = 'error', error_message = %(reason)s,
+                   failed_step = COALESCE(failed_step, 'agent_called'),
+                   duration_ms = GREATEST(0, (EXTRACT(EPOCH FROM now() - created_at) * 1000)::int),
+                   updated_at = now()
+               WHERE status = 'processing' AND owner LIKE %(owner)s
+                 AND (%(keep)s::text IS NULL OR owner <> %(keep)s)""",
+            {"reason": reason, "owner": owner_like, "keep": keep_owner})
+
+    def sweep_stale(self, extra_seconds: float) -> int:
+        """Mark rows still processing long after their agent timeout could allow as error."""
+        return self.db.execute(
+            """UPDATE message_trace t SET status = 'error', updated_at = now(),
+                   failed_step = 'agent_called',
+                   duration_ms = GREATEST(0, (EXTRACT(EPOCH FROM now() - t.created_at) * 1000)::int),
+                   error_message = 'abandoned: no final status within the agent timeout; '
+                                   || 'the worker processing it was lost'
+               FROM (SELECT m.trace_id FROM message_trace m
+                     LEFT JOIN instance i ON i.id = m.instance_id
+                     WHERE m.status = 'processing'
+                       AND m.created_at < now() - make_interval(
+                           secs => COALESCE(i.agent_timeout_s, 600) + %(extra)s)
+                     LIMIT 10000) stale
+               WHERE t.trace_id = stale.trace_id AND t.status = 'processing'""",
+            {"extra": extra_seconds})
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, trace_id: uuid.UUID) -> dict | None:
+        """One trace by id."""
+        return self.db.fetchone(f"SELECT {TRACE_COLUMNS} FROM message_trace WHERE trace_id = %(id)s",
+                                {"id": trace_id})
+
+    def list(self, flt: TraceFilter, limit: int,
+             after: tuple[dt.datetime, uuid.UUID] | None = None) -> list[dict]:
+        """Newest first; `after` is the (created_at, trace_id) of the previous page's last row."""
+        extra = ["(created_at, trace_id) < (%(after_at)s, %(after_id)s)"] if after else []
+        where, params = _where(flt, extra)
+        if after:
+            params.update(after_at=after[0], after_id=after[1])
+        params["limit"] = limit
+        return self.db.fetchall(
+            f"SELECT {TRACE_COLUMNS} FROM message_trace{where}"
+            " ORDER BY created_at DESC, trace_id DESC LIMIT %(limit)s", params)
+
+    def count_older_than(self, cutoff: dt.datetime) -> int:
+        """How many traces a purge with this cutoff would delete."""
+        row = self.db.fetchone("SELECT count(*) AS n FROM message_trace WHERE created_at < %(cutoff)s",
+                               {"cutoff": cutoff})
+        return int(row["n"])
+
+    def delete_older_than(self, cutoff: dt.datetime, batch: int = 5000, *,
+                          exclusive: bool = True) -> int | None:
+        """Delete expired traces in bounded batches, each its own short transaction.
+
+        With exclusive, returns None when another process holds the purge lock (one
+        periodic purger at a time across workers and replicas).
+        """
+        total = 0
+        while True:
+            with self.db.cursor() as cur:
+                if exclusive:
+                    cur.execute("SELECT pg_try_advisory_xact_lock(%(id)s) AS got", {"id": PURGE_LOCK_ID})
+                    if not cur.fetchone()["got"]:
+                        return None if total == 0 else total
+                cur.execute(
+                    """DELETE FROM message_trace WHERE trace_id IN (
+                           SELECT trace_id FROM message_trace WHERE created_at < %(cutoff)s
+                           ORDER BY created_at LIMIT %(batch)s)""",
+                    {"cutoff": cutoff, "batch": batch})
+                n = cur.rowcount
+            total += n
+            if n < batch:
+                return total

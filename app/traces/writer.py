@@ -1,0 +1,134 @@
+"""Group commit of trace rows: one writer thread per worker, many rows per transaction.
+
+A webhook hands its new row to the writer and waits for the commit that contains it, so an
+accepted message is durable before its 202 (SPEC 4.3) while concurrent webhooks share one
+fsync. Final states are handed over without waiting; they are retried until the database
+takes them, bounded in memory.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+
+from app.db import Database, DatabaseError, DatabaseUnavailable
+from app.telemetry import metrics
+from app.traces.store import FinishedTrace, NewTrace, TraceStore
+
+log = logging.getLogger("omni.traces")
+
+MAX_BATCH = 500
+# Final states waiting for an unreachable database; past this the oldest are dropped and
+# the recovery sweep marks those messages `error` once the database is back.
+MAX_PENDING_FINISH = 100_000
+
+
+class TraceWriter:
+    """Batches inserts (waited for) and final updates (fire and forget) in one thread."""
+
+    def __init__(self, db: Database, store: TraceStore) -> None:
+        self.db = db
+        self.store = store
+        self._cond = threading.Condition()
+        self._inserts: list[tuple[NewTrace, Future]] = []
+        self._finishes: collections.deque[FinishedTrace] = collections.deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._retry_at = 0.0
+        self.batches = 0
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread = threading.Thread(target=self._run, name="omni-trace-writer", daemon=True)
+        self._thread.start()
+
+    def insert(self, row: NewTrace) -> Future:
+        """Queue a new row; the future gives (trace_id, inserted) once committed."""
+        fut: Future = Future()
+        with self._cond:
+            if self._stopping:
+                fut.set_exception(DatabaseUnavailable("service is shutting down"))
+                return fut
+            self._inserts.append((row, fut))
+            self._cond.notify()
+        return fut
+
+    def finish(self, row: FinishedTrace) -> None:
+        """Queue a final state; written as soon as the database allows."""
+        with self._cond:
+            if len(self._finishes) >= MAX_PENDING_FINISH:
+                self._finishes.popleft()
+                metrics.UPSTREAM_ERRORS.labels(upstream="database", reason="write_failed").inc()
+            self._finishes.append(row)
+            self._cond.notify()
+
+    @property
+    def pending(self) -> int:
+        """Rows not yet committed."""
+        with self._cond:
+            return len(self._inserts) + len(self._finishes)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued is written; False if that took too long."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pending == 0:
+                return True
+            with self._cond:
+                self._cond.notify()
+            time.sleep(0.01)
+        return self.pending == 0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what is left (within timeout) and end the thread."""
+        self.flush(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._inserts and not (
+                        self._finishes and time.monotonic() >= self._retry_at):
+                    wait = None if not self._finishes else max(0.01, self._retry_at - time.monotonic())
+                    self._cond.wait(wait)
+                if self._stopping and not self._inserts:
+                    return
+                inserts, self._inserts = self._inserts[:MAX_BATCH], self._inserts[MAX_BATCH:]
+                finishes = [self._finishes.popleft() for _ in range(min(MAX_BATCH, len(self._finishes)))] \
+                    if time.monotonic() >= self._retry_at else []
+            self._write(inserts, finishes)
+
+    def _write(self, inserts: list[tuple[NewTrace, Future]], finishes: list[FinishedTrace]) -> None:
+        try:
+            with self.db.cursor(dict_rows=False) as cur:
+                result = self.store.insert_new(cur, [row for row, _ in inserts]) if inserts else {}
+                if finishes:
+                    self.store.finish(cur, finishes)
+            self.batches += 1
+            self._retry_at = 0.0
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            reason = "unavailable" if isinstance(exc, DatabaseUnavailable) else "write_failed"
+            metrics.UPSTREAM_ERRORS.labels(upstream="database", reason=reason).inc()
+            log.error("trace write failed", extra={"event": "trace_write_failed", "error": str(exc)})
+            for _, fut in inserts:
+                fut.set_exception(exc if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable(str(exc)))
+            with self._cond:
+                self._finishes.extendleft(reversed(finishes))
+            # Back off so an outage costs one failed attempt a second, not a busy loop.
+            self._retry_at = time.monotonic() + 1.0
+            return
+        for row, fut in inserts:
+            trace_id, inserted = result.get((row.instance_id, row.message_id), (row.trace_id, True))
+            fut.set_result((trace_id, inserted))
+
+
+def new_trace_id() -> uuid.UUID:
+    """A random trace id."""
+    return uuid.uuid4()

@@ -1,0 +1,546 @@
+"""Demo sandbox: one aiohttp server that plays both upstreams of the gateway.
+
+It answers the agent endpoint (``POST /api/v1/agent/{agent_name}/run``) and the
+Evolution API ``sendText`` endpoint, records what it received, and sinks Grafana
+alert notifications.  Message text can steer it with directives:
+
+    #delay=<ms>        the agent answers after that long
+    #status=<code>     the agent answers with that HTTP status
+    #evo_status=<code> the Evolution send answers with that status
+    #garbage           the agent answers 200 with a body that is not JSON
+    #hang              the agent never answers; the client has to give up
+    #endless           (stream mode) chunks every 100 ms until the client leaves
+
+Run with ``python -m demo.sandbox [--host H] [--port P]``; see ``SandboxConfig``
+and ``config_from_env`` for the latency model's environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import sys
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from aiohttp import web
+
+log = logging.getLogger("demo.sandbox")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8890
+SLOW_RANGE_MS = (10_500.0, 14_000.0)
+STREAM_CHUNK_GAP_S = 0.02
+ENDLESS_CHUNK_GAP_S = 0.1
+# Upper bound on how long a #hang request is held, so a forgotten client
+# cannot pin a task for the life of the process.
+HANG_LIMIT_S = 3600.0
+
+_DELAY_RE = re.compile(r"#delay=(\d{1,9})\b")
+# The look-behind keeps "#status=" from matching inside "#evo_status=".
+_STATUS_RE = re.compile(r"(?<![A-Za-z0-9_])#status=(\d{3})\b")
+_EVO_STATUS_RE = re.compile(r"#evo_status=(\d{3})\b")
+_FLAG_RES = {name: re.compile(rf"#{name}\b") for name in ("garbage", "hang", "endless")}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Everything the sandbox can be told; defaults answer at once, never fail."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    latency_median_ms: float = 0.0
+    latency_sigma: float = 0.35
+    slow_rate: float = 0.0
+    fail_rate: float = 0.0
+    evo_latency_ms: float = 0.0
+    seed: int | None = None
+    log_level: str = "INFO"
+    sent_limit: int = 10_000
+    alerts_limit: int = 1_000
+    calls_limit: int = 1_000
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float,
+               low: float, high: float = math.inf) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not (low <= value <= high) or math.isnan(value):
+        bound = f"between {low:g} and {high:g}" if high != math.inf else f">= {low:g}"
+        raise ConfigError(f"{name}={raw!r} must be {bound}")
+    return value
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int | None,
+             low: int, high: int) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r} must be between {low} and {high}")
+    return value
+
+
+def config_from_env(env: Mapping[str, str] | None = None) -> SandboxConfig:
+    """Build a SandboxConfig from SANDBOX_* variables; raise ConfigError on a bad value."""
+    env = os.environ if env is None else env
+    level = env.get("SANDBOX_LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"SANDBOX_LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
+    return SandboxConfig(
+        host=env.get("SANDBOX_HOST", "").strip() or DEFAULT_HOST,
+        port=_env_int(env, "SANDBOX_PORT", DEFAULT_PORT, 1, 65535),
+        latency_median_ms=_env_float(env, "SANDBOX_LATENCY_MEDIAN_MS", 0.0, 0.0),
+        latency_sigma=_env_float(env, "SANDBOX_LATENCY_SIGMA", 0.35, 0.0, 5.0),
+        slow_rate=_env_float(env, "SANDBOX_SLOW_RATE", 0.0, 0.0, 1.0),
+        fail_rate=_env_float(env, "SANDBOX_FAIL_RATE", 0.0, 0.0, 1.0),
+        evo_latency_ms=_env_float(env, "SANDBOX_EVO_LATENCY_MS", 0.0, 0.0),
+        seed=_env_int(env, "SANDBOX_SEED", None, -(2**63), 2**63 - 1),
+        log_level=level,
+    )
+
+
+# ---------------------------------------------------------------- state
+
+
+class SandboxState:
+    """What the sandbox has received; bounded so it can run for days."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.sent: deque[dict[str, Any]] = deque(maxlen=config.sent_limit)
+        self.alerts: deque[dict[str, Any]] = deque(maxlen=config.alerts_limit)
+        self.recent_calls: deque[dict[str, Any]] = deque(maxlen=config.calls_limit)
+        self.calls_total = 0
+        self.calls_by_status: Counter[str] = Counter()
+
+    def reset_calls(self) -> None:
+        """Forget the agent call counters."""
+        self.recent_calls.clear()
+        self.calls_total = 0
+        self.calls_by_status.clear()
+
+
+STATE = web.AppKey("sandbox_state", SandboxState)
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------- directives & latency
+
+
+@dataclass(frozen=True)
+class Directives:
+    """Directives found in a message text."""
+
+    delay_ms: int | None = None
+    status: int | None = None
+    evo_status: int | None = None
+    garbage: bool = False
+    hang: bool = False
+    endless: bool = False
+
+
+def _status_code(match: re.Match[str] | None) -> int | None:
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return code if 200 <= code <= 599 else None
+
+
+def parse_directives(text: str) -> Directives:
+    """Extract the #directives from a message text (unknown ones are ignored)."""
+    if "#" not in text:
+        return Directives()
+    delay = _DELAY_RE.search(text)
+    return Directives(
+        delay_ms=int(delay.group(1)) if delay else None,
+        status=_status_code(_STATUS_RE.search(text)),
+        evo_status=_status_code(_EVO_STATUS_RE.search(text)),
+        garbage=bool(_FLAG_RES["garbage"].search(text)),
+        hang=bool(_FLAG_RES["hang"].search(text)),
+        endless=bool(_FLAG_RES["endless"].search(text)),
+    )
+
+
+def _lognormal_s(rng: random.Random, median_ms: float, sigma: float) -> float:
+    if median_ms <= 0:
+        return 0.0
+    if sigma <= 0:
+        return median_ms / 1000.0
+    return rng.lognormvariate(math.log(median_ms), sigma) / 1000.0
+
+
+def agent_delay_s(state: SandboxState, directives: Directives) -> float:
+    """Seconds the agent waits before answering: directive first, then the model."""
+    if directives.delay_ms is not None:
+        # Capped like #hang so an absurd delay cannot pin a task for days.
+        return min(directives.delay_ms / 1000.0, HANG_LIMIT_S)
+    cfg = state.config
+    if cfg.slow_rate > 0 and state.rng.random() < cfg.slow_rate:
+        return state.rng.uniform(*SLOW_RANGE_MS) / 1000.0
+    return _lognormal_s(state.rng, cfg.latency_median_ms, cfg.latency_sigma)
+
+
+def agent_status(state: SandboxState, directives: Directives) -> int:
+    """HTTP status the agent answers with: directive first, then the failure model."""
+    if directives.status is not None:
+        return directives.status
+    if state.config.fail_rate > 0 and state.rng.random() < state.config.fail_rate:
+        return 500
+    return 200
+
+
+def split_chunks(text: str, rng: random.Random) -> list[str]:
+    """Split text into 3-5 non-empty consecutive pieces (fewer if text is tiny)."""
+    count = min(rng.randint(3, 5), max(1, len(text)))
+    cuts = sorted(rng.sample(range(1, len(text)), count - 1)) if count > 1 else []
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _tokens(text: str) -> int:
+    # Roughly what a tokenizer would say; only has to look plausible.
+    return max(1, len(text) // 4)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _status_response(status: int, body: dict[str, Any]) -> web.Response:
+    # 1xx/204/304 must not carry a body; aiohttp refuses to send one.
+    if status < 200 or status in (204, 304):
+        return web.Response(status=status)
+    return web.json_response(body, status=status)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+async def _wait_for_disconnect(request: web.Request, limit_s: float) -> None:
+    # Handler cancellation is off by default in aiohttp, so poll the transport
+    # rather than rely on CancelledError to notice that the client left.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while loop.time() < deadline:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(0.1)
+
+
+# ---------------------------------------------------------------- agent
+
+
+def _record_call(state: SandboxState, agent: str, body: dict[str, Any],
+                 request: web.Request, outcome: str) -> None:
+    state.calls_total += 1
+    state.calls_by_status[outcome] += 1
+    state.recent_calls.appendleft({
+        "agent": agent,
+        "user_id": body.get("user_id"),
+        "session_name": body.get("session_name"),
+        "message_content": body.get("message_content"),
+        "stream": bool(body.get("stream")),
+        "api_key_present": bool(request.headers.get("x-api-key")),
+        "outcome": outcome,
+        "received_at": _now_iso(),
+    })
+
+
+def _reply_payload(message: str, body: dict[str, Any], reply: str) -> dict[str, Any]:
+    session = body.get("session_name")
+    return {
+        "message": reply,
+        "session_id": session if isinstance(session, str) and session else str(uuid.uuid4()),
+        "success": True,
+        "usage": {"request_tokens": _tokens(message), "response_tokens": _tokens(reply)},
+    }
+
+
+def _sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+async def _start_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+    })
+    await response.prepare(request)
+    return response
+
+
+async def _stream_reply(request: web.Request, state: SandboxState, reply: str,
+                        delay_s: float) -> web.StreamResponse:
+    await asyncio.sleep(delay_s)
+    response = await _start_sse(request)
+    try:
+        for index, chunk in enumerate(split_chunks(reply, state.rng)):
+            if index:
+                await asyncio.sleep(STREAM_CHUNK_GAP_S)
+            await response.write(_sse(json.dumps({"content": chunk})))
+        await response.write(_sse("[DONE]"))
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client gave up mid-stream; nothing to tell it
+    return response
+
+
+async def _stream_endless(request: web.Request, delay_s: float) -> web.StreamResponse:
+    await asyncio.sleep(delay_s)
+    response = await _start_sse(request)
+    try:
+        for index in range(int(HANG_LIMIT_S / ENDLESS_CHUNK_GAP_S)):
+            await response.write(_sse(json.dumps({"content": f"chunk {index} "})))
+            await asyncio.sleep(ENDLESS_CHUNK_GAP_S)
+            if request.transport is None or request.transport.is_closing():
+                break
+    except ConnectionError:
+        pass  # expected: this is how an endless stream ends
+    return response
+
+
+async def _garbage_reply(request: web.Request, stream: bool) -> web.StreamResponse:
+    if not stream:
+        return web.Response(status=200, text="<html><body>502 Bad Gateway</body></html>",
+                            content_type="text/html")
+    # A stream that breaks its own format and never says [DONE].
+    response = await _start_sse(request)
+    try:
+        await response.write(b"data: {not json\n\n")
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    return response
+
+
+def _outcome(directives: Directives, status: int, stream: bool) -> str:
+    if directives.hang or (directives.endless and not stream):
+        return "hang"
+    if directives.endless:
+        return "endless"
+    if directives.garbage:
+        return "garbage"
+    return str(status)
+
+
+async def handle_agent_run(request: web.Request) -> web.StreamResponse:
+    """Agent endpoint: echo the message, steered by directives and the latency model."""
+    state = request.app[STATE]
+    agent = request.match_info["agent_name"]
+    body = await _json_body(request)
+    if body is None:
+        return _error(400, "body must be a JSON object")
+    message = body.get("message_content")
+    if not isinstance(message, str):
+        return _error(400, "message_content must be a string")
+    stream = body.get("stream") is True
+    directives = parse_directives(message)
+    delay_s = agent_delay_s(state, directives)
+    status = 200 if (directives.garbage or directives.hang) else agent_status(state, directives)
+    outcome = _outcome(directives, status, stream)
+    _record_call(state, agent, body, request, outcome)
+    log.debug("agent %s stream=%s outcome=%s delay_ms=%.0f", agent, stream, outcome, delay_s * 1000)
+
+    if outcome == "hang":
+        await _wait_for_disconnect(request, HANG_LIMIT_S)
+        return web.Response(status=504)  # only reached after HANG_LIMIT_S
+    if outcome == "endless":
+        return await _stream_endless(request, delay_s)
+    if outcome == "garbage":
+        await asyncio.sleep(delay_s)
+        return await _garbage_reply(request, stream)
+    if status >= 300:
+        await asyncio.sleep(delay_s)
+        return _status_response(status, {"error": f"sandbox agent answered {status} as asked"})
+    reply = f"Echo: {message}"
+    if stream:
+        return await _stream_reply(request, state, reply, delay_s)
+    await asyncio.sleep(delay_s)
+    return _status_response(status, _reply_payload(message, body, reply))
+
+
+# ---------------------------------------------------------------- evolution
+
+
+async def handle_send_text(request: web.Request) -> web.Response:
+    """Evolution sendText: record the send, answer 201 unless #evo_status= says otherwise."""
+    state = request.app[STATE]
+    body = await _json_body(request) or {}
+    number, text = body.get("number"), body.get("text")
+    valid = isinstance(text, str) and isinstance(number, (str, int)) and str(number).isdigit()
+    directives = parse_directives(text) if isinstance(text, str) else Directives()
+    status = (directives.evo_status or 201) if valid else 400
+    state.sent.appendleft({
+        "instance": request.match_info["instance"],
+        "number": None if number is None else str(number),
+        "text": text,
+        "apikey_present": bool(request.headers.get("apikey")),
+        "received_at": _now_iso(),
+        "status": status,
+    })
+    log.debug("sendText %s status=%d", request.match_info["instance"], status)
+    cfg = state.config
+    await asyncio.sleep(_lognormal_s(state.rng, cfg.evo_latency_ms, cfg.latency_sigma))
+    if not valid:
+        return _error(400, "body must be {\"number\": \"<digits>\", \"text\": \"<text>\"}")
+    if status >= 300:
+        return _status_response(status, {"error": f"sandbox evolution answered {status} as asked"})
+    return _status_response(status, {"key": {"id": secrets.token_hex(10).upper()},
+                                     "status": "PENDING"})
+
+
+async def handle_sent_list(request: web.Request) -> web.Response:
+    """GET /sent: the sends received, newest first."""
+    return web.json_response(list(request.app[STATE].sent))
+
+
+async def handle_sent_clear(request: web.Request) -> web.Response:
+    """DELETE /sent: forget every send."""
+    request.app[STATE].sent.clear()
+    return web.json_response({"status": "cleared"})
+
+
+# ---------------------------------------------------------------- alerts, calls, health
+
+
+async def handle_alert_post(request: web.Request) -> web.Response:
+    """POST /alerts: store a Grafana notification body."""
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "body must be JSON")
+    request.app[STATE].alerts.appendleft({"received_at": _now_iso(), "body": body})
+    return web.json_response({"status": "stored"})
+
+
+async def handle_alert_list(request: web.Request) -> web.Response:
+    """GET /alerts: the stored notifications, newest first."""
+    return web.json_response(list(request.app[STATE].alerts))
+
+
+async def handle_alert_clear(request: web.Request) -> web.Response:
+    """DELETE /alerts: forget every notification."""
+    request.app[STATE].alerts.clear()
+    return web.json_response({"status": "cleared"})
+
+
+async def handle_calls(request: web.Request) -> web.Response:
+    """GET /calls: how many agent calls arrived, by outcome, plus the latest ones."""
+    state = request.app[STATE]
+    return web.json_response({
+        "total": state.calls_total,
+        "by_status": dict(state.calls_by_status),
+        "recent": list(state.recent_calls),
+    })
+
+
+async def handle_calls_clear(request: web.Request) -> web.Response:
+    """DELETE /calls: reset the agent call counters."""
+    request.app[STATE].reset_calls()
+    return web.json_response({"status": "cleared"})
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    """GET /health: always ok while the loop runs."""
+    return web.json_response({"status": "ok"})
+
+
+def create_app(config: SandboxConfig | None = None) -> web.Application:
+    """Build the sandbox application (usable in-process by tests)."""
+    app = web.Application(client_max_size=2 * 1024 * 1024)
+    app[STATE] = SandboxState(config or SandboxConfig())
+    app.router.add_post("/api/v1/agent/{agent_name}/run", handle_agent_run)
+    app.router.add_post("/message/sendText/{instance}", handle_send_text)
+    app.router.add_get("/sent", handle_sent_list)
+    app.router.add_delete("/sent", handle_sent_clear)
+    app.router.add_post("/alerts", handle_alert_post)
+    app.router.add_get("/alerts", handle_alert_list)
+    app.router.add_delete("/alerts", handle_alert_clear)
+    app.router.add_get("/calls", handle_calls)
+    app.router.add_delete("/calls", handle_calls_clear)
+    app.router.add_get("/health", handle_health)
+    return app
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m demo.sandbox",
+                                     description="Agent + Evolution API simulator.")
+    parser.add_argument("--host", help="bind address (overrides SANDBOX_HOST)")
+    parser.add_argument("--port", type=int, help="bind port (overrides SANDBOX_PORT)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sandbox until SIGINT/SIGTERM."""
+    args = _parse_args(argv)
+    try:
+        config = config_from_env()
+    except ConfigError as exc:
+        print(f"demo.sandbox: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.port is not None and not 1 <= args.port <= 65535:
+        print(f"demo.sandbox: --port {args.port} must be between 1 and 65535", file=sys.stderr)
+        return 2
+    config = replace(config, host=args.host or config.host,
+                     port=config.port if args.port is None else args.port)
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log.info("sandbox listening on http://%s:%d (median=%gms sigma=%g slow=%g fail=%g evo=%gms)",
+             config.host, config.port, config.latency_median_ms, config.latency_sigma,
+             config.slow_rate, config.fail_rate, config.evo_latency_ms)
+    try:
+        # A short shutdown timeout: #hang and slow requests must not delay a stop.
+        web.run_app(create_app(config), host=config.host, port=config.port,
+                    access_log=None, print=None, shutdown_timeout=1.0)
+    except OSError as exc:
+        print(f"demo.sandbox: cannot listen on {config.host}:{config.port}: {exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Shared fixtures: one PostgreSQL cluster, one sandbox, one gunicorn service per session."""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support import API_KEY, PgCluster, Sandbox, Service, migrate  # noqa: E402
+
+GRAFANA_READER_PASSWORD = "reader-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A throwaway PostgreSQL cluster for the session (or the server in
+    AUTOMAGIK_OMNI_TEST_DATABASE_URL, on which each test database is created)."""
+    url = os.environ.get("AUTOMAGIK_OMNI_TEST_DATABASE_URL")
+    if url:
+        yield ExternalServer(url)
+        return
+    cluster = PgCluster()
+    yield cluster
+    cluster.destroy()
+
+
+class ExternalServer:
+    """Stand-in for PgCluster over an existing server (needs CREATEDB and CREATEROLE)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def create_database(self, name: str | None = None) -> str:
+        """A new database on that server."""
+        from urllib.parse import urlparse, urlunparse
+
+        name = name or "t_" + uuid.uuid4().hex[:12]
+        conn = psycopg2.connect(self.url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        return urlunparse(urlparse(self.url)._replace(path="/" + name))
+
+
+def create_grafana_reader(url: str) -> None:
+    """The read-only role as postgres/init/01-grafana-reader.sh creates it, then its grants."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = 'grafana_reader'")
+        if cur.fetchone() is None:
+            cur.execute("CREATE ROLE grafana_reader LOGIN PASSWORD %(p)s", {"p": GRAFANA_READER_PASSWORD})
+        else:
+            cur.execute("ALTER ROLE grafana_reader LOGIN PASSWORD %(p)s", {"p": GRAFANA_READER_PASSWORD})
+        cur.execute((Path(__file__).resolve().parent.parent / "sql" / "003_grafana_reader_grants.sql")
+                    .read_text())
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg):
+    """Superuser URL of a session database with every migration and the reader role."""
+    url = pg.create_database()
+    migrate(url)
+    create_grafana_reader(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def grafana_reader_url(database_url):
+    """The same database as the Grafana read-only role."""
+    from urllib.parse import urlparse, urlunparse
+
+    parsed = urlparse(database_url)
+    netloc = f"grafana_reader:{GRAFANA_READER_PASSWORD}@{parsed.hostname}:{parsed.port}"
+    return urlunparse(parsed._replace(netloc=netloc))
+
+
+@pytest.fixture()
+def fresh_db(pg):
+    """A new, migrated database for one test."""
+    url = pg.create_database()
+    migrate(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """The demo sandbox (agent + Evolution simulator), answering at once."""
+    box = Sandbox()
+    yield box
+    box.stop()
+
+
+@pytest.fixture(scope="session")
+def service(database_url, sandbox):
+    """omni under gunicorn with 2 workers, its sandbox instance `bot` ready."""
+    svc = Service(database_url, {"AUTOMAGIK_OMNI_SLOW_MESSAGE_SECONDS": "10"}).start()
+    svc.ensure_instance("bot", sandbox.url)
+    svc.sandbox = sandbox
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture()
+def make_service(pg, sandbox):
+    """Factory for services with their own database and settings, stopped after the test."""
+    started: list[Service] = []
+
+    def factory(env: dict | None = None, *, database_url: str | None = None, workers: int = 2,
+                start: bool = True) -> Service:
+        url = database_url
+        if url is None:
+            url = pg.create_database()
+            migrate(url)
+        svc = Service(url, env or {}, workers=workers)
+        svc.sandbox = sandbox
+        started.append(svc)
+        return svc.start() if start else svc
+
+    yield factory
+    for svc in started:
+        svc.stop()
+
+
+@pytest.fixture()
+def app_factory(pg):
+    """In-process Flask apps (real PostgreSQL) for API tests that need no gunicorn."""
+    from app import create_app
+    from app.config import Settings
+
+    apps = []
+
+    def factory(database_url: str | None = None, **overrides):
+        url = database_url
+        if url is None:
+            url = pg.create_database()
+            migrate(url)
+        settings = Settings(api_key=API_KEY, database_url=url, **overrides)
+        app = create_app(settings)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.extensions["omni"].shutdown()
