@@ -137,6 +137,11 @@ def dashboard_queries() -> Iterator[Query]:
                     text = query.get("query") or ""
             else:
                 text = query or ""
+            if uid == PROMETHEUS_UID:
+                # Grafana's label_values(selector, label) is not PromQL: run the selector.
+                m = re.fullmatch(r"\s*label_values\((.*),\s*[A-Za-z_][A-Za-z0-9_]*\s*\)\s*", text)
+                if m:
+                    text = m.group(1)
             if text:
                 yield Query(name, f"variable {var['name']}", "var", text, uid)
 
