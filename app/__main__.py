@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         if days < 0:
             print("--days must be 0 or more", file=sys.stderr)
             return 2
+        if args.batch < 1:
+            # A batch of 0 would never finish (each round deletes nothing and goes on).
+            print("--batch must be 1 or more", file=sys.stderr)
+            return 2
         store = TraceStore(Database(settings.database_url, size=1))
         cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
         if args.dry_run:

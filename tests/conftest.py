@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 import sys
 import uuid
 from pathlib import Path
@@ -150,3 +151,42 @@ def app_factory(pg):
     yield factory
     for app in apps:
         app.extensions["omni"].shutdown()
+
+
+@pytest.fixture(scope="session")
+def traffic(service, sandbox):
+    """The session service has processed completed, failed (agent and Evolution) and slow messages."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    service.ensure_instance("patient", sandbox.url, agent_timeout_s=30)
+    texts = [("bot", f"hello {i}") for i in range(20)] + [
+        ("bot", "#status=500 fail"), ("bot", "#status=401 denied"), ("bot", "#evo_status=500 evo"),
+        ("patient", "#delay=10500 slow one")]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda t: service.send(*t), texts))
+    assert all(a.status_code == 202 for a in answers), [a.text for a in answers]
+    return [service.wait_final(a.json()["trace_id"], timeout=40) for a in answers]
+
+
+@pytest.fixture(scope="session")
+def prometheus(service, traffic):
+    """A real Prometheus scraping the session service every second, with the project's rules."""
+    from tests.support import Prometheus
+
+    prom = Prometheus(f"127.0.0.1:{service.port}")
+    prom.wait_for('omni_messages_total{status="completed"}')
+    # Rates need samples that change between scrapes: more traffic while it watches.
+    for i in range(3):
+        answers = [service.send("bot", f"watched {i}-{j}") for j in range(5)]
+        for a in answers:
+            service.wait_final(a.json()["trace_id"])
+        time.sleep(1.1)
+    prom.wait_for('sum(rate(omni_messages_total[1m])) > 0')
+    yield prom
+    prom.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus_url(prometheus):
+    """Base URL of the Prometheus that scraped the service under traffic."""
+    return prometheus.url

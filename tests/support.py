@@ -299,3 +299,56 @@ def metric(samples: dict, name: str, **labels) -> float:
     """Sum of the samples of name whose labels include the given ones."""
     want = set(labels.items())
     return sum(v for (n, lbl), v in samples.items() if n == name and want <= lbl)
+
+
+class Prometheus:
+    """A real Prometheus (Debian package) scraping the given target with the project's rules."""
+
+    def __init__(self, target: str, scrape_interval: str = "1s") -> None:
+        import yaml
+
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus is not installed: apt-get install -y prometheus "
+                               "(make test does this when run as root)")
+        self.dir = Path(tempfile.mkdtemp(prefix="omni-prom-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = yaml.safe_load((ROOT / "prometheus" / "prometheus.native.yml").read_text())
+        config["global"]["scrape_interval"] = scrape_interval
+        config["global"]["evaluation_interval"] = scrape_interval
+        config["rule_files"] = [str(ROOT / "prometheus" / "rules" / "*.yml")]
+        for job in config["scrape_configs"]:
+            job["static_configs"] = [{"targets": [target if job["job_name"] == "omni"
+                                                  else f"127.0.0.1:{self.port}"]}]
+        (self.dir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = open(self.dir / "log", "w")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={self.dir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_http(self.url + "/-/ready", proc=self.proc, timeout=30)
+
+    def query(self, expr: str) -> dict:
+        """Instant query; returns the `data` of a successful answer (raises otherwise)."""
+        r = requests.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+        body = r.json()
+        if body.get("status") != "success":
+            raise AssertionError(f"query failed: {expr}: {body}")
+        return body["data"]
+
+    def wait_for(self, expr: str, timeout: float = 30.0) -> list:
+        """Poll until the query returns a non-empty result."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.query(expr)["result"]
+            if result:
+                return result
+            time.sleep(0.5)
+        raise AssertionError(f"no data for {expr} after {timeout} s")
+
+    def stop(self) -> None:
+        """Stop it and remove its data."""
+        stop_process(self.proc)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -17,11 +17,11 @@ import time
 import urllib.parse
 import urllib.request
 
+import psycopg2
 import pytest
 
 from tests import grafana_queries as gq
 
-psycopg2 = pytest.importorskip("psycopg2")
 
 
 def _connect(url: str):

@@ -302,7 +302,6 @@ def test_emit_never_raises_on_bad_formatter_or_callbacks(rx, make_logger):
     assert handler.dropped == 1
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_fork_child_restarts_shipper_and_does_not_resend_parent_queue(rx, make_logger):
     # Parent and child share one stream (no per-process label), so their pushes interleave
     # in time: like real Loki's default unordered_writes, accept that here.

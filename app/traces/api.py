@@ -105,10 +105,12 @@ def encode_cursor(row: dict) -> str:
 def decode_cursor(token: str) -> tuple[dt.datetime, uuid.UUID]:
     """Inverse of encode_cursor; 400 on anything else."""
     try:
+        if len(token) > 512:  # ours are under 120 characters; refuse to parse anything big
+            raise ValueError("cursor too long")
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         at, tid = json.loads(raw)
         return dt.datetime.fromisoformat(at), uuid.UUID(tid)
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
         raise bad("cursor", "not a cursor returned by this API") from None
 
 

@@ -1,0 +1,115 @@
+"""Prometheus metrics under gunicorn multiprocess mode, scraped for real (SPEC 5, issue 3)."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.support import metric, parse_metrics
+
+STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
+
+
+def _send_many(svc, instance: str, n: int, prefix: str = "m") -> list[dict]:
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: svc.send(instance, f"{prefix} {i}"), range(n)))
+    assert all(a.status_code == 202 for a in answers)
+    return [svc.wait_final(a.json()["trace_id"]) for a in answers]
+
+
+def test_one_scrape_counts_exactly_n_over_two_workers(make_service):
+    svc = make_service(workers=2)
+    svc.ensure_instance("count", svc.sandbox.url)
+    n = 60
+    traces = _send_many(svc, "count", n)
+    assert all(t["status"] == "completed" for t in traces)
+    samples = parse_metrics(svc.metrics_text())
+    assert metric(samples, "omni_messages_total", instance="count", status="completed") == n
+    assert metric(samples, "omni_message_duration_seconds_count", instance="count") == n
+    for step in STEPS:
+        assert metric(samples, "omni_message_step_duration_seconds_count", instance="count",
+                      step=step, status="success") == n, step
+    # Both workers are alive and report their resources (one series per pid).
+    pids = {dict(lbl)["pid"] for (name, lbl) in samples if name == "omni_worker_resident_memory_bytes"}
+    assert pids == {str(p) for p in svc.worker_pids()}
+    assert all(v > 10e6 for (name, _), v in samples.items() if name == "omni_worker_resident_memory_bytes")
+
+
+def test_known_series_start_at_zero(make_service):
+    svc = make_service(workers=1)
+    samples = parse_metrics(svc.metrics_text())
+    for upstream in ("agent", "evolution", "database", "loki"):
+        assert ("omni_upstream_errors_total", frozenset({("upstream", upstream), ("reason", "connection" if upstream != "database" else "unavailable")})) in samples
+    assert samples[("omni_log_records_dropped_total", frozenset())] == 0
+    assert metric(samples, "omni_webhook_rejected_total", reason="unknown_instance") == 0
+    assert metric(samples, "omni_auth_failures_total", reason="wrong_key") == 0
+    # An instance's series appear at 0 as soon as it is used once.
+    svc.ensure_instance("fresh", svc.sandbox.url)
+    _send_many(svc, "fresh", 1)
+    samples = parse_metrics(svc.metrics_text())
+    assert ("omni_messages_total", frozenset({("instance", "fresh"), ("status", "failed")})) in samples
+    assert metric(samples, "omni_messages_total", instance="fresh", status="failed") == 0
+
+
+def test_labels_have_no_high_cardinality_values(service, traffic):
+    text = service.metrics_text()
+    for trace in traffic:
+        assert trace["trace_id"] not in text
+        assert trace["user_id"] not in text
+    assert "5515551234567" not in text
+
+
+def test_http_histogram_uses_route_templates(service, traffic):
+    samples = parse_metrics(service.metrics_text())
+    routes = {dict(lbl).get("route") for (name, lbl) in samples
+              if name == "omni_http_request_duration_seconds_count"}
+    assert "/webhook/evolution/<instance_name>" in routes
+    assert "/api/v1/traces/<trace_id>" in routes
+    assert not any(r and "bot" in r for r in routes)
+
+
+def test_worker_restarts_keep_counts_and_do_not_pile_up_files(make_service):
+    """max_requests recycles workers; the master folds their files, counts survive."""
+    svc = make_service({}, workers=2, start=False)
+    os.environ_backup = None
+    svc.env_overrides["GUNICORN_CMD_ARGS"] = "--max-requests 15"
+    svc.start()
+    svc.ensure_instance("recycle", svc.sandbox.url)
+    first_pids = set(svc.worker_pids())
+    n = 80
+    for chunk in range(4):
+        _send_many(svc, "recycle", n // 4, prefix=f"c{chunk}")
+    samples = parse_metrics(svc.metrics_text())
+    assert metric(samples, "omni_messages_total", instance="recycle", status="completed") == n
+    assert metric(samples, "omni_message_step_duration_seconds_count", instance="recycle",
+                  step="agent_called", status="success") == n
+    assert not first_pids & set(svc.worker_pids()), "workers were not recycled"
+    files = [f for f in os.listdir(svc.metrics_dir) if f.endswith(".db")]
+    live = {str(p) for p in svc.worker_pids()}
+    stale = [f for f in files if not f.endswith("_archive.db")
+             and f.rsplit("_", 1)[-1][:-3] not in live]
+    assert stale == [], stale
+
+
+def test_metrics_disabled_removes_endpoint(make_service):
+    svc = make_service({"AUTOMAGIK_OMNI_ENABLE_METRICS": "false"}, workers=1)
+    r = requests.get(svc.url + "/metrics", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]
+    svc.ensure_instance("quiet", svc.sandbox.url)
+    assert _send_many(svc, "quiet", 3)[0]["status"] == "completed"
+    assert requests.get(svc.url + "/health", timeout=5).json()["metrics_enabled"] is False
+
+
+def test_real_prometheus_scrapes_and_answers_step_quantiles(prometheus):
+    """Debian's Prometheus with the project's scrape config and rules, against the live service."""
+    up = prometheus.query('up{job="omni"}')["result"]
+    assert up and up[0]["value"][1] == "1"
+    for step in STEPS:
+        result = prometheus.wait_for(
+            'histogram_quantile(0.95, sum by (le) (rate(omni_message_step_duration_seconds_bucket'
+            f'{{step="{step}"}}[1m])))')
+        assert float(result[0]["value"][1]) >= 0
+    slow = prometheus.query('sum(omni_message_duration_seconds_count) - '
+                            'sum(omni_message_duration_seconds_bucket{le=~"10|10\\\\.0"})')["result"]
+    assert slow and float(slow[0]["value"][1]) >= 1, "the slow message should be above le=10"

@@ -1,0 +1,172 @@
+"""Trace retention: `python -m app purge-traces`, the Runtime's periodic purge and its lock."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import threading
+import uuid
+
+import psycopg2
+import psycopg2.extras
+import pytest
+
+from tests.support import PYTHON, ROOT, migrate
+
+UTC = dt.timezone.utc
+psycopg2.extras.register_uuid()
+
+
+def insert_aged(url: str, ages_days: list[float], instance: str = "bot") -> list[uuid.UUID]:
+    """One completed trace per age (in days before now); returns their ids."""
+    now = dt.datetime.now(UTC)
+    ids = [uuid.uuid4() for _ in ages_days]
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id, user_id,
+                   status, duration_ms, created_at, updated_at, steps) VALUES %s""",
+            [(tid, 1, instance, "M" + tid.hex, "whatsapp:+5511999990000", "completed", 100,
+              now - dt.timedelta(days=age), now - dt.timedelta(days=age),
+              psycopg2.extras.Json([])) for tid, age in zip(ids, ages_days)])
+    conn.close()
+    return ids
+
+
+def remaining(url: str) -> set[uuid.UUID]:
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT trace_id FROM message_trace")
+        out = {row[0] for row in cur.fetchall()}
+    conn.close()
+    return out
+
+
+def purge_cli(url: str, *args: str, retention: str | None = "30", timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOMAGIK_OMNI_")}
+    env["AUTOMAGIK_OMNI_DATABASE_URL"] = url
+    if retention is not None:
+        env["AUTOMAGIK_OMNI_TRACE_RETENTION_DAYS"] = retention
+    return subprocess.run([PYTHON, "-m", "app", "purge-traces", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def db(pg):
+    url = pg.create_database()
+    migrate(url)
+    return url
+
+
+def test_cli_deletes_only_expired_in_batches(db):
+    # 50 expired rows (31..80 days old) and 20 kept ones (0.5..29.5 days old).
+    expired = insert_aged(db, [31 + i for i in range(50)])
+    kept = insert_aged(db, [0.5 + i * 1.5 for i in range(20)])
+    r = purge_cli(db, "--batch", "7")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"deleted": 50, "older_than_days": 30}
+    assert remaining(db) == set(kept)
+    assert not set(expired) & remaining(db)
+    # Nothing left to do: a second run deletes nothing.
+    r = purge_cli(db, "--batch", "7")
+    assert r.returncode == 0 and json.loads(r.stdout)["deleted"] == 0
+
+
+def test_cli_retention_comes_from_the_environment(db):
+    insert_aged(db, [1.5, 3.5, 6.5, 9.5])
+    r = purge_cli(db, retention="5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"deleted": 2, "older_than_days": 5}
+    assert len(remaining(db)) == 2
+    # --days overrides the environment.
+    r = purge_cli(db, "--days", "2", retention="5")
+    assert json.loads(r.stdout) == {"deleted": 1, "older_than_days": 2}
+    assert len(remaining(db)) == 1
+
+
+def test_cli_dry_run_deletes_nothing(db):
+    insert_aged(db, [40, 45, 50, 2])
+    before = remaining(db)
+    r = purge_cli(db, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"would_delete": 3, "older_than_days": 30}
+    assert remaining(db) == before
+
+
+@pytest.mark.parametrize("args,env_days", [(["--batch", "0"], "30"), (["--batch", "-5"], "30"),
+                                           (["--days", "-1"], "30"), ([], "0"), ([], "soon")])
+def test_cli_bad_arguments_fail_cleanly(db, args, env_days):
+    insert_aged(db, [40, 1])
+    r = purge_cli(db, *args, retention=env_days, timeout=30)
+    assert r.returncode != 0, (args, env_days, r.stdout)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len(remaining(db)) == 2
+
+
+def test_cli_unreachable_database_is_a_clean_error(pg):
+    r = purge_cli("postgresql://nobody@127.0.0.1:1/none")
+    assert r.returncode == 1
+    assert "database error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_runtime_purge_deletes_expired_rows(app_factory, db):
+    expired = insert_aged(db, [8, 9, 10, 30])
+    kept = insert_aged(db, [0.1, 3, 6.5])
+    app = app_factory(db, enable_tracing=False, trace_retention_days=7)
+    app.extensions["omni"].purge()
+    assert remaining(db) == set(kept)
+    assert not set(expired) & remaining(db)
+    app.extensions["omni"].purge()  # idempotent
+    assert remaining(db) == set(kept)
+
+
+def test_concurrent_purges_never_both_hold_the_lock(app_factory, db):
+    n_expired = 120
+    insert_aged(db, [31 + (i % 50) + i / 1000 for i in range(n_expired)])
+    kept = insert_aged(db, [1, 2, 3])
+    apps = [app_factory(db, enable_tracing=False) for _ in range(2)]
+    cutoff = dt.datetime.now(UTC) - dt.timedelta(days=30)
+    barrier = threading.Barrier(2)
+    results: list = [None, None]
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(10)
+            results[i] = apps[i].extensions["omni"].traces.delete_older_than(cutoff, batch=5)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    deleted = sum(r or 0 for r in results)
+    assert deleted == n_expired, results
+    assert remaining(db) == set(kept)
+    assert any(r is not None for r in results)
+
+
+def test_exclusive_purge_yields_to_a_lock_holder(db):
+    """While another session holds the purge lock, an exclusive purge deletes nothing."""
+    from app.db import Database
+    from app.traces.store import PURGE_LOCK_ID, TraceStore
+
+    insert_aged(db, [40, 41])
+    holder = psycopg2.connect(db)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (PURGE_LOCK_ID,))
+        store = TraceStore(Database(db, size=1))
+        cutoff = dt.datetime.now(UTC) - dt.timedelta(days=30)
+        assert store.delete_older_than(cutoff) is None
+        assert len(remaining(db)) == 2
+        # The non-exclusive form (the API's explicit DELETE, the CLI) does not wait for it.
+        assert store.delete_older_than(cutoff, exclusive=False) == 2
+        store.db.close()
+    finally:
+        holder.close()
