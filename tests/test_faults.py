@@ -92,6 +92,16 @@ def post(svc: Service, instance: str, text: str, message_id: str | None = None,
                          json=webhook(instance, text, message_id=message_id), timeout=timeout)
 
 
+def wait_workers(svc: Service, n: int = 2, timeout: float = 20.0) -> list[int]:
+    """PIDs of the workers once n of them run (/health answers as soon as the first does)."""
+    deadline = time.monotonic() + timeout
+    while len(svc.worker_pids()) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = sorted(svc.worker_pids())
+    assert len(pids) == n, pids
+    return pids
+
+
 def samples(svc: Service) -> dict:
     """Parsed /metrics."""
     return parse_metrics(svc.metrics_text())
@@ -213,7 +223,7 @@ def test_postgres_outage_under_steady_flow_loses_nothing(sandbox, capsys):
         migrate(url)
         svc = Service(url, {"AUTOMAGIK_OMNI_SHUTDOWN_GRACE_S": "2"}).start()
         svc.ensure_instance("steady", sandbox.url)
-        master, workers = svc.proc.pid, sorted(svc.worker_pids())
+        master, workers = svc.proc.pid, wait_workers(svc)
         token = uuid.uuid4().hex
         flow = Flow(svc, "steady", token).start()
         time.sleep(3)
@@ -324,8 +334,7 @@ def test_worker_sigkill_in_flight_messages_finish_once_or_error(make_service, sa
     owners = rows(svc.database_url, "SELECT owner, count(*) FROM message_trace WHERE status = "
                   "'processing' GROUP BY owner ORDER BY count(*) DESC")
     victim = int(owners[0][0].rsplit(":", 1)[1])
-    before = set(svc.worker_pids())
-    assert victim in before
+    assert victim in wait_workers(svc)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

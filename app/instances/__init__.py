@@ -156,11 +156,14 @@ class InstanceRepo:
         """Insert; DuplicateInstance if the name is taken."""
         cols = list(fields)
         try:
-            return self.db.fetchone(
+            row = self.db.fetchone(
                 "INSERT INTO instance (" + ", ".join(cols) + ") VALUES ("
                 + ", ".join(f"%({c})s" for c in cols) + f") RETURNING {COLUMNS}", fields)
         except UniqueViolation:
             raise DuplicateInstance(fields["name"]) from None
+        # A webhook for this name may have cached "no such instance" a moment ago.
+        self.forget(fields["name"])
+        return row
 
     def list(self) -> list[dict]:
         """Every instance, by name."""
