@@ -5,7 +5,7 @@ import hashlib
 import hmac
 import logging
 
-from flask import Flask, current_app, g, request
+from flask import current_app, g, request
 
 from app.errors import ApiError
 from app.ratelimit import WindowCounter

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import urlparse
@@ -90,8 +92,9 @@ class Settings:
             raise bad("trace_retention_days", "must be between 1 and 36500")
         if self.log_level not in LOG_LEVELS:
             raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
-        if self.loki_url is not None and urlparse(self.loki_url).scheme not in ("http", "https"):
-            raise bad("loki_url", "must be an http:// or https:// URL")
+        if self.loki_url is not None and (urlparse(self.loki_url).scheme not in ("http", "https")
+                                          or not urlparse(self.loki_url).hostname):
+            raise bad("loki_url", "must be an http:// or https:// URL with a host")
         for name in ("slow_message_seconds", "evolution_timeout_s", "purge_interval_s",
                      "sweep_interval_s", "shutdown_grace_s"):
             if getattr(self, name) <= 0:
@@ -112,6 +115,8 @@ class Settings:
         parsed = urlparse(self.database_url)
         if parsed.password:
             data["database_url"] = self.database_url.replace(f":{parsed.password}@", ":****@", 1)
+        # libpq also accepts the password as a query parameter.
+        data["database_url"] = re.sub(r"([?&]password=)[^&#]*", r"\1****", data["database_url"])
         return data
 
 
@@ -131,9 +136,12 @@ def _parse(name: str, kind: object, raw: str) -> object:
             raise ConfigError(f"{name}: {raw!r} is not a whole number") from None
     if kind == "float":
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}: {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: {raw!r} is not a finite number")
+        return value
     if name.endswith("LOG_LEVEL"):
         return raw.upper()
     return raw

@@ -8,6 +8,11 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Multiprocess metrics need this before prometheus_client is imported anywhere, including
+# by this file's own import of the app package below (workers are forked from here).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(
+    tempfile.gettempdir(), f"omni-metrics-{os.environ.get('AUTOMAGIK_OMNI_PORT', '8882')}"))
+
 from app.config import ConfigError, Settings  # noqa: E402
 
 try:
@@ -36,11 +41,6 @@ logger_class = "app.telemetry.gunicorn_logger.JsonLogger"
 # Processes' own tmp files in memory where available (avoids disk stalls on heartbeats).
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 proc_name = "omni"
-
-if _settings.enable_metrics:
-    # Must be set before any worker imports prometheus_client.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
-                          os.path.join(tempfile.gettempdir(), f"omni-metrics-{_settings.port}"))
 
 
 def on_starting(server):

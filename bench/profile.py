@@ -22,8 +22,7 @@ CATEGORIES = (
                                                 "app/upstream.py", "app/pipeline.py")),
     ("flask / werkzeug + webhook handler", ("flask", "werkzeug", "app/webhooks.py", "app/__init__.py",
                                             "app/instances", "app/auth.py", "app/errors.py")),
-    ("gunicorn (HTTP parsing, sockets)", ("gunicorn", "selectors.py", "socket.py", "ssl.py",
-                                          "concurrent/futures")),
+    ("gunicorn (HTTP parsing, sockets)", ("gunicorn", "selectors.py", "socket.py", "ssl.py")),
 )
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -39,10 +38,14 @@ def _binary() -> str | None:
 
 
 def record(pid: int, seconds: float, rate: int = 200) -> Path:
-    """Sample pid for seconds (non-blocking, all threads); collapsed stacks file."""
+    """Sample pid for seconds; collapsed stacks file.
+
+    --gil keeps only the samples of the thread holding the GIL, i.e. Python CPU time: waits
+    (locks, select, queue gets) drop out instead of masquerading as work.
+    """
     out = Path(tempfile.mktemp(prefix="omni-pyspy-", suffix=".txt"))
     subprocess.run([_binary(), "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
-                    "--rate", str(rate), "--format", "raw", "--nonblocking", "--threads",
+                    "--rate", str(rate), "--format", "raw", "--nonblocking", "--gil", "--threads",
                     "--output", str(out)], check=True, capture_output=True, timeout=seconds + 60)
     return out
 
@@ -84,7 +87,8 @@ def summarize(path: Path, top: int = 12) -> dict:
 
 
 def _thread_name(label: str) -> str:
-    m = re.search(r'"([^"]*)"', label)
-    name = m.group(1) if m else label
+    # py-spy labels look like: thread (0x7f...): "name"  or  thread (1234): name
+    m = re.search(r'\)\s*:?\s*"?([^"]*)"?\s*$', label)
+    name = m.group(1).strip() if m else label
     # gunicorn's request threads are a ThreadPoolExecutor: fold their numbered names.
     return re.sub(r"_\d+$", "_N", name) or "main"

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,116 +13,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg2
 import requests
 
+from demo.processes import PG_BIN, PgCluster, free_port, stop_process, wait_http  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
-PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 PYTHON = sys.executable
 API_KEY = "test-api-key-0123456789"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None,
-              ok=(200,)) -> None:
-    """Poll url until it answers one of ok (fail early if proc died)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            r = requests.get(url, timeout=2)
-            if r.status_code in ok:
-                return
-            last = r.status_code
-        except requests.RequestException as exc:
-            last = exc
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer in {timeout} s (last: {last})")
-
-
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-    """Signal a process we started (by PID) and wait for it; SIGKILL if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode
-
-
-class PgCluster:
-    """A throwaway PostgreSQL 15 cluster on a free port (run as user postgres when root)."""
-
-    def __init__(self, fsync: bool = False) -> None:
-        initdb = PG_BIN / "initdb"
-        if not initdb.exists():
-            raise RuntimeError(f"PostgreSQL 15 server binaries not found in {PG_BIN}: "
-                               "apt-get install postgresql-15 (or set PG_BIN)")
-        self.dir = Path(tempfile.mkdtemp(prefix="omni-pg-"))
-        self.data = self.dir / "data"
-        self.port = free_port()
-        self.fsync = fsync
-        self._as_postgres = os.geteuid() == 0
-        if self._as_postgres:
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        self._run([str(initdb), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                   "--no-sync", "-E", "UTF8", "--locale=C"])
-        self.start()
-
-    def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-        if self._as_postgres:
-            argv = ["runuser", "-u", "postgres", "--"] + argv
-        return subprocess.run(argv, check=check, capture_output=True, text=True)
-
-    @property
-    def url(self) -> str:
-        """Superuser URL of the maintenance database."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def db_url(self, name: str, user: str = "postgres", password: str | None = None) -> str:
-        """URL of a database on this cluster."""
-        cred = user if password is None else f"{user}:{password}"
-        return f"postgresql://{cred}@127.0.0.1:{self.port}/{name}"
-
-    def start(self) -> None:
-        """Start (or restart) the server and wait until it accepts connections."""
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                f"-c max_connections=300 -c shared_buffers=128MB")
-        if not self.fsync:
-            # Test data is disposable; skipping fsync keeps the suite fast.
-            opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"),
-                   "-o", opts, "-w", "-t", "30", "start"])
-
-    def stop(self, mode: str = "fast") -> None:
-        """Stop the server."""
-        self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"], check=False)
-
-    def create_database(self, name: str | None = None) -> str:
-        """A new empty database; returns its superuser URL."""
-        name = name or "t_" + uuid.uuid4().hex[:12]
-        conn = psycopg2.connect(self.url)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
-        return self.db_url(name)
-
-    def destroy(self) -> None:
-        """Stop and delete everything."""
-        self.stop("immediate")
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def migrate(url: str) -> None:
@@ -193,7 +88,7 @@ class Service:
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         })
         env.update(self.env_overrides)
-        return env
+        return {k: v for k, v in env.items() if v is not None}
 
     def start(self, wait: bool = True) -> "Service":
         """Start gunicorn and wait for /health."""

@@ -524,9 +524,9 @@ def test_loki_down_slow_500_429_do_not_touch_messages(make_service, sandbox, cap
             assert med <= 3 * base + 0.05, f"Loki {mode}: median ack {med:.4f} s vs baseline {base:.4f} s"
             m = samples(svc)
             errors = metric(m, "omni_upstream_errors_total", upstream="loki") - errors0
-            if reason:
+            if reason:  # slow pushes (5 s, at the client's 5 s timeout) may just succeed late
                 assert metric(m, "omni_upstream_errors_total", upstream="loki", reason=reason) > 0
-            assert errors > 0, f"Loki {mode}: no failed push counted"
+                assert errors > 0, f"Loki {mode}: no failed push counted"
             if mode == "down":
                 rx.up()
             else:

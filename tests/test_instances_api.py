@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.support import API_KEY, free_port, webhook
+from tests.support import API_KEY, free_port, migrate, webhook
 
 H = {"x-api-key": API_KEY}
 AGENT_KEY = "agent-secret-KEY-0123456789"
@@ -16,9 +16,22 @@ SECRETS = (AGENT_KEY, EVO_KEY, HOOK_SECRET)
 DEAD_URL = f"http://127.0.0.1:{free_port()}"
 
 
+@pytest.fixture(scope="module")
+def shared_url(pg):
+    """One database for the validation tests (which must never create anything)."""
+    url = pg.create_database()
+    migrate(url)
+    return url
+
+
 @pytest.fixture()
 def app(app_factory):
     return app_factory(enable_tracing=False)
+
+
+@pytest.fixture()
+def shared_api(app_factory, shared_url):
+    return Recorder(app_factory(shared_url, enable_tracing=False).test_client())
 
 
 @pytest.fixture()
@@ -141,7 +154,8 @@ BASE = {"name": "ok-name", "agent_api_url": "http://agent.example", "evolution_u
     ("body", json.dumps("just a string")),
     ("body", "42"),
 ])
-def test_bad_fields_are_400(api, field, body):
+def test_bad_fields_are_400(shared_api, field, body):
+    api = shared_api
     r = api("POST", "/api/v1/instances", body)
     assert r.status_code == 400, (field, r.status_code, r.get_json())
     out = r.get_json()
@@ -149,7 +163,8 @@ def test_bad_fields_are_400(api, field, body):
     assert api("GET", "/api/v1/instances").get_json() == []
 
 
-def test_bad_bodies(api):
+def test_bad_bodies(shared_api):
+    api = shared_api
     r = api("POST", "/api/v1/instances", "{not json", content_type="application/json")
     assert r.status_code == 400 and "error" in r.get_json()
     r = api("POST", "/api/v1/instances", json.dumps(BASE), content_type="text/plain")

@@ -72,7 +72,6 @@ def test_http_histogram_uses_route_templates(service, traffic):
 def test_worker_restarts_keep_counts_and_do_not_pile_up_files(make_service):
     """max_requests recycles workers; the master folds their files, counts survive."""
     svc = make_service({}, workers=2, start=False)
-    os.environ_backup = None
     svc.env_overrides["GUNICORN_CMD_ARGS"] = "--max-requests 15"
     svc.start()
     svc.ensure_instance("recycle", svc.sandbox.url)
@@ -113,3 +112,16 @@ def test_real_prometheus_scrapes_and_answers_step_quantiles(prometheus):
     slow = prometheus.query('sum(omni_message_duration_seconds_count) - '
                             'sum(omni_message_duration_seconds_bucket{le=~"10|10\\\\.0"})')["result"]
     assert slow and float(slow[0]["value"][1]) >= 1, "the slow message should be above le=10"
+
+
+def test_multiprocess_mode_without_the_variable_set(make_service):
+    """As in compose and `make run`: gunicorn.conf.py sets up the directory itself."""
+    port_dir = None
+    svc = make_service({"PROMETHEUS_MULTIPROC_DIR": None}, workers=2, start=False)
+    port_dir = f"/tmp/omni-metrics-{svc.port}"
+    svc.start()
+    svc.ensure_instance("plain", svc.sandbox.url)
+    _send_many(svc, "plain", 30)
+    samples = parse_metrics(svc.metrics_text())
+    assert metric(samples, "omni_messages_total", instance="plain", status="completed") == 30
+    assert any(f.startswith("counter_") for f in os.listdir(port_dir))

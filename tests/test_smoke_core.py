@@ -1,5 +1,4 @@
 """First end-to-end check: a message through gunicorn, sandbox and PostgreSQL."""
-from tests.support import webhook
 
 
 def test_message_completes(service):

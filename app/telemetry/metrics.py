@@ -12,7 +12,11 @@ import glob
 import os
 import threading
 
-from prometheus_client import (
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # prometheus_client opens its files at import; the directory must exist by then.
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+from prometheus_client import (  # noqa: E402
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
@@ -21,7 +25,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
 
 STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
 STEP_STATUSES = ("success", "failed")

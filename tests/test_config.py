@@ -1,0 +1,163 @@
+"""Settings.from_env (SPEC 3): defaults, booleans, every bad value a clear startup error."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+
+import pytest
+
+from app.config import ConfigError, Settings
+from tests.support import PYTHON, ROOT, free_port
+
+KEY = "a-good-api-key-123"
+P = "AUTOMAGIK_OMNI_"
+
+
+def env(**values) -> dict:
+    return {P + "API_KEY": KEY, **{P + k.upper(): v for k, v in values.items()}}
+
+
+def test_defaults_of_spec_3():
+    s = Settings.from_env({P + "API_KEY": KEY})
+    assert s.api_key == KEY
+    assert s.database_url == "postgresql://omni:omni@localhost:5432/omni"
+    assert (s.host, s.port) == ("0.0.0.0", 8882)
+    assert (s.workers, s.threads) == (2, 16)
+    assert s.enable_tracing is True
+    assert s.trace_retention_days == 30
+    assert s.log_level == "INFO"
+    assert s.enable_metrics is True
+    assert s.enable_detailed_logging is True
+    assert s.loki_url is None
+    assert s.slow_message_seconds == 10
+    assert s.store_message_content is True
+    assert s.log_message_content is False
+
+
+def test_other_variables_are_ignored():
+    s = Settings.from_env({P + "API_KEY": KEY, "PORT": "1", "OMNI_PORT": "2", "automagik_omni_port": "3"})
+    assert s.port == 8882
+
+
+def test_values_are_read():
+    s = Settings.from_env(env(database_url="postgresql://u:p@db:5433/x", host="127.0.0.1", port="9000",
+                              workers="3", threads="4", trace_retention_days="7", log_level="debug",
+                              loki_url="http://loki:3100", slow_message_seconds="2.5"))
+    assert (s.database_url, s.host, s.port, s.workers, s.threads) == \
+        ("postgresql://u:p@db:5433/x", "127.0.0.1", 9000, 3, 4)
+    assert (s.trace_retention_days, s.log_level, s.loki_url, s.slow_message_seconds) == \
+        (7, "DEBUG", "http://loki:3100", 2.5)
+
+
+BOOLS = ("enable_tracing", "enable_metrics", "enable_detailed_logging", "store_message_content",
+         "log_message_content")
+SPELLINGS = {"true": True, "TRUE": True, "True": True, "tRuE": True, "1": True, "yes": True,
+             "YES": True, "Yes": True, "false": False, "FALSE": False, "False": False, "0": False,
+             "no": False, "NO": False, "No": False, " yes ": True}
+
+
+@pytest.mark.parametrize("field", BOOLS)
+def test_every_boolean_spelling(field):
+    for raw, want in SPELLINGS.items():
+        assert getattr(Settings.from_env(env(**{field: raw})), field) is want, (field, raw)
+
+
+@pytest.mark.parametrize("field", BOOLS)
+@pytest.mark.parametrize("raw", ["maybe", "2", "on", "off", "y", "n", "t", "truee", "-1", "\u0131"])
+def test_bad_boolean_names_the_variable(field, raw):
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env(env(**{field: raw}))
+    assert P + field.upper() in str(exc.value)
+
+
+@pytest.mark.parametrize("field,raw", [
+    ("port", "abc"), ("port", "80.5"), ("port", "0"), ("port", "65536"), ("port", "-1"), ("port", "99999"),
+    ("workers", "x"), ("workers", "0"), ("threads", "many"), ("threads", "0"),
+    ("trace_retention_days", "thirty"), ("trace_retention_days", "0"), ("trace_retention_days", "-5"),
+    ("trace_retention_days", "1.5"),
+    ("log_level", "VERBOSE"), ("log_level", "warn"), ("log_level", "TRACE"), ("log_level", "CRITICAL"),
+    ("loki_url", "loki:3100"), ("loki_url", "ftp://loki"), ("loki_url", "not a url"), ("loki_url", "http://"),
+    ("slow_message_seconds", "ten"), ("slow_message_seconds", "0"), ("slow_message_seconds", "-1"),
+    ("slow_message_seconds", "nan"), ("slow_message_seconds", "inf"),
+    ("database_url", "mysql://x/y"), ("database_url", "localhost:5432"),
+])
+def test_bad_values_name_the_variable(field, raw):
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env(env(**{field: raw}))
+    assert P + field.upper() in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("values", [{}, {P + "API_KEY": ""}, {P + "API_KEY": "   "}, {P + "API_KEY": "short"}])
+def test_missing_api_key_names_the_variable(values):
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env(values)
+    assert P + "API_KEY" in str(exc.value)
+
+
+def test_admin_commands_need_no_api_key():
+    s = Settings.from_env({P + "TRACE_RETENTION_DAYS": "3"}, require_api_key=False)
+    assert s.trace_retention_days == 3
+
+
+def test_empty_values_mean_the_default():
+    s = Settings.from_env(env(port="", enable_tracing="", loki_url=""))
+    assert s.port == 8882 and s.enable_tracing is True and s.loki_url is None
+
+
+def test_public_masks_secrets():
+    s = Settings.from_env(env(database_url="postgresql://omni:s3cr3t-Pass@db:5432/omni",
+                              metrics_token="metrics-token-xyz"))
+    pub = s.public()
+    text = repr(pub)
+    assert KEY not in text and "s3cr3t-Pass" not in text and "metrics-token-xyz" not in text
+    assert pub["api_key"] == "****"
+    assert pub["database_url"] == "postgresql://omni:****@db:5432/omni"
+    assert pub["port"] == 8882 and pub["enable_tracing"] is True
+    # The password equal to the user name, or also in the database name: only the password goes.
+    pub = Settings.from_env(env(database_url="postgresql://omni:omni@db/omni")).public()
+    assert pub["database_url"] == "postgresql://omni:****@db/omni"
+    # libpq also takes the password as a query parameter.
+    pub = Settings.from_env(env(database_url="postgresql://omni@db/omni?password=qp-secret-1&sslmode=require")).public()
+    assert "qp-secret-1" not in repr(pub) and "sslmode=require" in pub["database_url"]
+    # Without a password nothing changes.
+    assert Settings.from_env(env(database_url="postgresql://omni@db/omni")).public()["database_url"] == \
+        "postgresql://omni@db/omni"
+
+
+# --- real gunicorn refuses to start -----------------------------------------------------
+
+def run_gunicorn(overrides: dict, *, with_key: bool = True) -> tuple[int, str]:
+    env_ = {k: v for k, v in os.environ.items() if not k.startswith(P)}
+    env_.update({P + "HOST": "127.0.0.1", P + "PORT": str(free_port()),
+                 P + "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+                 P + "WORKERS": "1",
+                 "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="omni-cfg-metrics-")})
+    if with_key:
+        env_[P + "API_KEY"] = KEY
+    env_.update(overrides)
+    proc = subprocess.Popen([os.path.join(os.path.dirname(PYTHON), "gunicorn"), "-c", "app/gunicorn.conf.py",
+                             "app:create_app()"], cwd=ROOT, env=env_, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        # It started although it should not have: stop it (its own process group) and fail.
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=10)
+        raise AssertionError(f"gunicorn did not refuse to start: {out[-2000:]}")
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("overrides,with_key,variable", [
+    ({P + "ENABLE_TRACING": "maybe"}, True, P + "ENABLE_TRACING"),
+    ({}, False, P + "API_KEY"),
+    ({P + "PORT": "70000"}, True, P + "PORT"),
+    ({P + "LOG_LEVEL": "LOUD"}, True, P + "LOG_LEVEL"),
+])
+def test_gunicorn_refuses_bad_configuration(overrides, with_key, variable):
+    code, out = run_gunicorn(overrides, with_key=with_key)
+    assert code != 0, out
+    assert variable in out, out
+    assert "Traceback" not in out, out
