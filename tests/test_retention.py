@@ -95,14 +95,22 @@ def test_cli_dry_run_deletes_nothing(db):
     assert remaining(db) == before
 
 
+@pytest.fixture(scope="module")
+def bad_args_db(pg):
+    """Shared by the refusals below: none of them may delete anything."""
+    url = pg.create_database()
+    migrate(url)
+    insert_aged(url, [40, 1])
+    return url
+
+
 @pytest.mark.parametrize("args,env_days", [(["--batch", "0"], "30"), (["--batch", "-5"], "30"),
                                            (["--days", "-1"], "30"), ([], "0"), ([], "soon")])
-def test_cli_bad_arguments_fail_cleanly(db, args, env_days):
-    insert_aged(db, [40, 1])
-    r = purge_cli(db, *args, retention=env_days, timeout=30)
+def test_cli_bad_arguments_fail_cleanly(bad_args_db, args, env_days):
+    r = purge_cli(bad_args_db, *args, retention=env_days, timeout=30)
     assert r.returncode != 0, (args, env_days, r.stdout)
     assert "Traceback" not in r.stderr, r.stderr
-    assert len(remaining(db)) == 2
+    assert len(remaining(bad_args_db)) == 2
 
 
 def test_cli_unreachable_database_is_a_clean_error(pg):
