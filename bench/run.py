@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 FULL = dict(tp_repeats=5, tp_seconds=8, warmup_seconds=2, profile_seconds=8,
             lat_seconds=300, lat_rate=100, mem_sample_s=5,
-            traces=1_000_000, first_samples=100, walks=5, pages=20, analytics_repeats=5)
+            traces=1_000_000, first_samples=100, walks=5, pages=20, analytics_repeats=3)
 QUICK = dict(tp_repeats=1, tp_seconds=3, warmup_seconds=1, profile_seconds=3,
              lat_seconds=20, lat_rate=100, mem_sample_s=2,
              traces=50_000, first_samples=20, walks=2, pages=10, analytics_repeats=2)
