@@ -115,15 +115,23 @@ class PgCluster:
 
     def create_database(self, name: str | None = None) -> str:
         """A new empty database; returns its superuser URL."""
-        name = name or "t_" + uuid.uuid4().hex[:12]
-        conn = psycopg2.connect(self.url)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
-        return self.db_url(name)
+        return create_database(self.url, name)
 
     def destroy(self) -> None:
         """Stop and delete everything."""
         self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def create_database(admin_url: str, name: str | None = None) -> str:
+    """CREATE DATABASE on the server of admin_url; returns the new database's URL."""
+    from urllib.parse import urlparse, urlunparse
+
+    name = name or "t_" + uuid.uuid4().hex[:12]
+    conn = psycopg2.connect(admin_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        # Identifiers cannot be parameters; the name is ours (t_ + hex) or the caller's literal.
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return urlunparse(urlparse(admin_url)._replace(path="/" + name))

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from demo.processes import create_database  # noqa: E402
 from tests.support import API_KEY, PgCluster, Sandbox, Service, migrate  # noqa: E402
 
 GRAFANA_READER_PASSWORD = "reader-" + uuid.uuid4().hex[:12]
@@ -38,15 +39,7 @@ class ExternalServer:
 
     def create_database(self, name: str | None = None) -> str:
         """A new database on that server."""
-        from urllib.parse import urlparse, urlunparse
-
-        name = name or "t_" + uuid.uuid4().hex[:12]
-        conn = psycopg2.connect(self.url)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
-        return urlunparse(urlparse(self.url)._replace(path="/" + name))
+        return create_database(self.url, name)
 
 
 def create_grafana_reader(url: str) -> None:
