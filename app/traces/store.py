@@ -186,22 +186,32 @@ class TraceStore:
                           exclusive: bool = True) -> int | None:
         """Delete expired traces in bounded batches, each its own short transaction.
 
-        With exclusive, returns None when another process holds the purge lock (one
-        periodic purger at a time across workers and replicas).
+        With exclusive, one connection holds a session advisory lock for the whole purge and
+        this returns None when another process holds it (one purger at a time across
+        workers and replicas).
         """
         total = 0
-        while True:
-            with self.db.cursor() as cur:
-                if exclusive:
-                    cur.execute("SELECT pg_try_advisory_xact_lock(%(id)s) AS got", {"id": PURGE_LOCK_ID})
-                    if not cur.fetchone()["got"]:
-                        return None if total == 0 else total
-                cur.execute(
-                    """DELETE FROM message_trace WHERE trace_id IN (
-                           SELECT trace_id FROM message_trace WHERE created_at < %(cutoff)s
-                           ORDER BY created_at LIMIT %(batch)s)""",
-                    {"cutoff": cutoff, "batch": batch})
-                n = cur.rowcount
-            total += n
-            if n < batch:
-                return total
+        with self.db.connection() as conn, conn.cursor() as cur:
+            if exclusive:
+                cur.execute("SELECT pg_try_advisory_lock(%(id)s)", {"id": PURGE_LOCK_ID})
+                got = cur.fetchone()[0]
+                conn.commit()
+                if not got:
+                    return None
+            try:
+                while True:
+                    cur.execute(
+                        """DELETE FROM message_trace WHERE trace_id IN (
+                               SELECT trace_id FROM message_trace WHERE created_at < %(cutoff)s
+                               ORDER BY created_at LIMIT %(batch)s)""",
+                        {"cutoff": cutoff, "batch": batch})
+                    n = cur.rowcount
+                    # Commit per batch: row locks are held only for one batch at a time.
+                    conn.commit()
+                    total += n
+                    if n < batch:
+                        return total
+            finally:
+                if exclusive and not conn.closed:
+                    conn.rollback()
+                    cur.execute("SELECT pg_advisory_unlock(%(id)s)", {"id": PURGE_LOCK_ID})
