@@ -16,6 +16,7 @@ from app.config import Settings
 from app.db import Database
 from app.dedup import RecentIds
 from app.instances import InstanceRepo
+from app.jsonsafe import StrictJSONProvider
 from app.pipeline import Pipeline
 from app.ratelimit import WindowCounter
 from app.telemetry import logs, metrics
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     logs.REDACTOR.add(settings.api_key, settings.metrics_token)
 
     app = Flask(__name__)
+    app.json = StrictJSONProvider(app)  # 400, not 500, for non-UTF-8, lone surrogates, deep nesting
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     if settings.trusted_proxies:

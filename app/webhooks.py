@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import re
 import time
@@ -13,6 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.auth import client_ip, secret_equals
 from app.db import DatabaseError, DatabaseUnavailable
+from app import jsonsafe
 from app.errors import ApiError
 from app.pipeline import Message, utcnow
 from app.telemetry import metrics
@@ -24,7 +24,7 @@ bp = Blueprint("webhooks", __name__)
 log = logging.getLogger("omni.webhook")
 
 MESSAGE_EVENTS = {"messages.upsert", "messages_upsert"}
-JID_RE = re.compile(r"^(\d{5,20})(?::\d+)?@s\.whatsapp\.net$")
+JID_RE = re.compile(r"^([0-9]{5,20})(?::[0-9]+)?@s\.whatsapp\.net$")
 # How long a webhook waits for the commit of its trace row before answering 503.
 COMMIT_WAIT_S = 10.0
 RETRY_AFTER_DB = "5"
@@ -50,9 +50,12 @@ def _parse_body() -> dict:
     except RequestEntityTooLarge:
         raise _reject(413, "too_large", "request body too large (limit 1 MiB)") from None
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise _reject(400, "malformed", "body is not valid JSON") from None
+        body = jsonsafe.loads(raw)
+    except ValueError as exc:
+        why = "body is not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "body is not valid JSON"
+        if "surrogate" in str(exc) or "nested" in str(exc):
+            why = f"body is not valid JSON: {exc}"
+        raise _reject(400, "malformed", why) from None
     if not isinstance(body, dict):
         raise _reject(400, "malformed", "body must be a JSON object")
     if not isinstance(body.get("event"), str):

@@ -5,6 +5,7 @@ deeply nested and huge JSON, wrong content types, non-UTF-8 bytes, oversized hea
 """
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import socket
@@ -44,7 +45,8 @@ def _schemathesis(svc, tmp_path: Path, label: str, headers: list[str]) -> dict:
             "--generation-deterministic", "--phases", "examples,coverage,fuzzing",
             "--workers", "2", "--request-timeout", "20", "--no-color",
             "--report", "json", "--report-dir", str(report)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    # cwd: schemathesis keeps a .schemathesis/ cache in its working directory, not in the repo.
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     files = glob.glob(str(report / "json-*.json"))
     assert files, proc.stdout[-3000:] + proc.stderr[-2000:]
     data = json.loads(Path(files[0]).read_text())
@@ -148,7 +150,6 @@ def test_sql_injection_in_every_filter_and_path_parameter(service, counts):
     ("/api/v1/traces", {"end_date": "10000-01-01"}, "end_date"),
     ("/api/v1/traces", {"end_date": "2025-13-40"}, "end_date"),
     ("/api/v1/traces", {"end_date": "0001-01-01T00:00:00+14:00"}, "end_date"),
-    ("/api/v1/traces", {"start_date": "9999-12-31T23:59:59-14:00"}, "start_date"),
     ("/api/v1/traces", {"limit": "0"}, "limit"),
     ("/api/v1/traces", {"limit": "1001"}, "limit"),
     ("/api/v1/traces", {"limit": "-1"}, "limit"),
@@ -241,3 +242,28 @@ def test_headers_over_limits_are_4xx(service, counts):
     assert 400 <= r.status_code < 500
     # The service is fine afterwards.
     assert requests.get(service.url + "/health", timeout=5).status_code == 200
+
+
+def test_lone_surrogate_escapes_are_400_and_do_not_break_the_writer(service):
+    """Valid-looking JSON with unpaired \\ud800 escapes (in the text, the message id or an
+    instance field) is a 400; before the fix one such webhook killed the worker's trace
+    writer and every later webhook on that worker waited 10 s for a 503."""
+    raw = json.dumps(webhook("bot", "hi PLACEHOLDER", message_id="SURR-PLACEHOLDER"))
+    for i in range(6):
+        for body in (raw.replace("hi PLACEHOLDER", "hi \\ud800"),
+                     raw.replace("SURR-PLACEHOLDER", "SURR-\\udfff%d" % i)):
+            r = requests.post(f"{service.url}/webhook/evolution/bot", data=body.encode(),
+                              headers={"Content-Type": "application/json"}, timeout=15)
+            assert "surrogate" in _clear_4xx(r, 400)["error"]
+    r = service.api("POST", "/api/v1/instances", data=b'{"name": "s", "agent_api_url": "http://x", '
+                    b'"evolution_url": "http://x", "agent_api_key": "\\ud800abcdef"}',
+                    headers={"Content-Type": "application/json"})
+    _clear_4xx(r, 400)
+    # A valid pair (an emoji written as escapes) is fine, and nothing is stuck afterwards.
+    emoji = json.dumps(webhook("bot", "PAIR"))
+    assert json.loads(emoji.replace("PAIR", "\\ud83d\\ude00"))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: service.send("bot", f"still fine {i}"), range(12)))
+    assert all(a.status_code == 202 and a.elapsed.total_seconds() < 5 for a in answers)
+    for a in answers:
+        service.wait_final(a.json()["trace_id"])
