@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 COMPOSE := docker compose --profile demo
 # Where `make smoke` looks (override for a remote stack).
 OMNI_URL ?= http://127.0.0.1:8882
-PROMETHEUS_URL ?= http://127.0.0.1:9090
-LOKI_URL ?= http://127.0.0.1:3100
+# Empty: Prometheus and Loki are reached through Grafana's datasource proxy (not published).
+PROMETHEUS_URL ?=
+LOKI_URL ?=
 GRAFANA_URL ?= http://127.0.0.1:3000
 SANDBOX_URL ?= http://127.0.0.1:8890
 
@@ -37,8 +38,7 @@ up: ## start the Docker stack with demo traffic, wait until healthy, print URLs
 	@echo "omni-telemetry is up:"
 	@echo "  Grafana     http://127.0.0.1:3000  (user admin, password GRAFANA_ADMIN_PASSWORD in .env)"
 	@echo "  omni API    http://127.0.0.1:8882  (x-api-key: AUTOMAGIK_OMNI_API_KEY in .env)"
-	@echo "  Prometheus  http://127.0.0.1:9090"
-	@echo "  Loki        http://127.0.0.1:3100"
+	@echo "  Prometheus, Loki: inside the compose network, through Grafana (Explore)"
 	@echo "  Sandbox     http://127.0.0.1:8890/sent  and  /alerts"
 	@echo "Credentials: .env (mode 600, never committed)."
 
@@ -68,7 +68,7 @@ check: venv tools ## validate compose, Dockerfile, Prometheus, Loki and Grafana 
 	$(PY) -m pytest -q tests/test_stack_config.py
 
 smoke: venv ## end-to-end checks of a running stack (URLs overridable, see Makefile)
-	$(PY) -m demo.smoke --omni $(OMNI_URL) --prometheus $(PROMETHEUS_URL) --loki $(LOKI_URL) \
+	$(PY) -m demo.smoke --omni $(OMNI_URL) --prometheus "$(PROMETHEUS_URL)" --loki "$(LOKI_URL)" \
 	  --grafana $(GRAFANA_URL) --sandbox $(SANDBOX_URL) --env-file .env
 
 grafana-reset-admin: ## apply GRAFANA_ADMIN_PASSWORD from .env to an existing Grafana volume

@@ -61,6 +61,14 @@ class Smoke:
         self.a = args
         self.key = {"x-api-key": args.api_key}
         self.trace_id: str | None = None
+        auth = base64.b64encode(f"admin:{args.grafana_password}".encode()).decode()
+        self.grafana_auth = {"Authorization": "Basic " + auth}
+        # Prometheus and Loki are not published in compose: reach them through Grafana.
+        self.via_grafana: dict = {}
+        for name in ("prometheus", "loki"):
+            if not getattr(args, name) and args.grafana and args.grafana_password:
+                setattr(args, name, f"{args.grafana}/api/datasources/proxy/uid/{name}")
+                self.via_grafana[name] = self.grafana_auth
 
     def health(self) -> str:
         status, body = _http("GET", self.a.omni + "/health")
@@ -108,7 +116,8 @@ class Smoke:
 
         def probe():
             status, body = _http("GET", f"{self.a.prometheus}/api/v1/query?"
-                                 + urllib.parse.urlencode({"query": query}))
+                                 + urllib.parse.urlencode({"query": query}),
+                                 headers=self.via_grafana.get("prometheus"))
             result = body.get("data", {}).get("result", []) if status == 200 else []
             return result if len({r["metric"].get("step") for r in result}) == 4 else None
 
@@ -122,7 +131,8 @@ class Smoke:
                                          "start": str(int((time.time() - 3600) * 1e9)), "limit": "100"})
 
         def probe():
-            status, body = _http("GET", f"{self.a.loki}/loki/api/v1/query_range?{params}")
+            status, body = _http("GET", f"{self.a.loki}/loki/api/v1/query_range?{params}",
+                                 headers=self.via_grafana.get("loki"))
             streams = body.get("data", {}).get("result", []) if status == 200 else []
             return sum(len(s["values"]) for s in streams)
 
@@ -130,8 +140,7 @@ class Smoke:
         return f"{n} log lines of trace {self.trace_id}"
 
     def grafana(self) -> str:
-        auth = base64.b64encode(f"admin:{self.a.grafana_password}".encode()).decode()
-        headers = {"Authorization": "Basic " + auth}
+        headers = self.grafana_auth
         status, found = _http("GET", f"{self.a.grafana}/api/search?type=dash-db", headers=headers)
         if status != 200:
             raise CheckFailed(f"Grafana search answered {status} (admin password?)")
@@ -178,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the checks whose URLs are given; print one line each."""
     p = argparse.ArgumentParser(prog="python -m demo.smoke", description=__doc__)
     p.add_argument("--omni", default="http://127.0.0.1:8882")
-    p.add_argument("--prometheus", default="")
-    p.add_argument("--loki", default="")
+    p.add_argument("--prometheus", default="", help="default: through Grafana's datasource proxy")
+    p.add_argument("--loki", default="", help="default: through Grafana's datasource proxy")
     p.add_argument("--grafana", default="")
     p.add_argument("--sandbox", default="", help="sandbox URL as seen from here (alert sink)")
     p.add_argument("--agent-url", default="", help="sandbox URL as the service sees it "

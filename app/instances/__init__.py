@@ -52,8 +52,12 @@ class Instance:
 def _url(field: str, value: Any) -> str:
     if not isinstance(value, str) or len(value) > 2048:
         raise InvalidInstance(field, f"{field} must be an http(s) URL")
-    parsed = urlparse(value)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise InvalidInstance(field, f"{field} must be an http(s) URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or not value.isascii():
         raise InvalidInstance(field, f"{field} must be an http(s) URL with a host")
     return value.rstrip("/")
 
@@ -91,8 +95,9 @@ def _agent_name(value: Any) -> str:
 
 
 def _timeout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 600:
-        raise InvalidInstance("agent_timeout_s", "agent_timeout_s must be a number in (0, 600]")
+    # Below 0.1 s no real agent can answer; it would only turn every message into a timeout.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 600:
+        raise InvalidInstance("agent_timeout_s", "agent_timeout_s must be a number in [0.1, 600]")
     return float(value)
 
 

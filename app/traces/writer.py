@@ -113,12 +113,17 @@ class TraceWriter:
                     self.store.finish(cur, finishes)
             self.batches += 1
             self._retry_at = 0.0
-        except (DatabaseUnavailable, DatabaseError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever happens, this thread must survive
             reason = "unavailable" if isinstance(exc, DatabaseUnavailable) else "write_failed"
             metrics.UPSTREAM_ERRORS.labels(upstream="database", reason=reason).inc()
             log.error("trace write failed", extra={"event": "trace_write_failed", "error": str(exc)})
             for _, fut in inserts:
                 fut.set_exception(exc if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable(str(exc)))
+            if not isinstance(exc, (DatabaseUnavailable, DatabaseError)):
+                # Not an outage: retrying the same rows would fail forever. The sweep will
+                # mark those messages `error` once their timeout has passed.
+                log.exception("trace batch dropped", extra={"event": "trace_write_failed"})
+                return
             with self._cond:
                 self._finishes.extendleft(reversed(finishes))
             # Back off so an outage costs one failed attempt a second, not a busy loop.
