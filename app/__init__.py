@@ -113,10 +113,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     rt = Runtime(
         settings=settings, db=db, instances=InstanceRepo(db), traces=traces, writer=writer,
         pipeline=None,  # type: ignore[arg-type]
-        guard=Guard(settings.api_key, settings.auth_failures_per_minute, settings.enable_metrics),
+        guard=Guard(settings.api_key, settings.auth_failures_per_minute, settings.enable_metrics, db),
         loki=loki, recent_ids=RecentIds(),
         webhook_rate_instance=WindowCounter(settings.webhook_rate_per_instance or 1, 1.0),
         webhook_rate_address=WindowCounter(settings.webhook_rate_per_address or 1, 1.0))
+    periodic.append((60.0, rt.guard.prune))
     if settings.enable_tracing:
         periodic += [(settings.sweep_interval_s, rt.sweep), (settings.purge_interval_s, rt.purge)]
     if settings.enable_metrics:

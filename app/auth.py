@@ -4,9 +4,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
+import time
 
 from flask import current_app, g, request
 
+from app.db import DatabaseError, DatabaseUnavailable
 from app.errors import ApiError
 from app.ratelimit import WindowCounter
 from app.telemetry import metrics
@@ -32,19 +35,55 @@ def client_ip() -> str:
     return request.remote_addr or "unknown"
 
 
-class Guard:
-    """Checks credentials, counts and logs failures, blocks addresses that keep failing."""
+_SHARED_HIT = """
+INSERT INTO auth_failure (address, window_start, failures)
+VALUES (%(ip)s, date_trunc('minute', now()), 1)
+ON CONFLICT (address, window_start) DO UPDATE SET failures = auth_failure.failures + 1
+RETURNING failures, EXTRACT(EPOCH FROM date_trunc('minute', now()) + interval '1 minute' - now()) AS left_s"""
+_SHARED_READ = """
+SELECT failures, EXTRACT(EPOCH FROM date_trunc('minute', now()) + interval '1 minute' - now()) AS left_s
+FROM auth_failure WHERE address = %(ip)s AND window_start = date_trunc('minute', now())"""
+_SHARED_PRUNE = "DELETE FROM auth_failure WHERE window_start < now() - interval '2 minutes'"
 
-    def __init__(self, api_key: str, failures_per_minute: int, metrics_on: bool) -> None:
+
+class Guard:
+    """Checks credentials, counts and logs failures, blocks addresses that keep failing.
+
+    Failures are counted in PostgreSQL (table auth_failure) so the limit holds across
+    workers and replicas; when the database is unreachable each worker falls back to its
+    own in-memory count.
+    """
+
+    def __init__(self, api_key: str, failures_per_minute: int, metrics_on: bool, db=None) -> None:
         self.api_key = api_key
+        self.limit = failures_per_minute
         self.failures = WindowCounter(failures_per_minute)
         self.metrics_on = metrics_on
+        self.db = db
+        self._blocked_until: dict[str, float] = {}
+
+    def _shared(self, sql: str, ip: str) -> tuple[int, float] | None:
+        if self.db is None:
+            return None
+        try:
+            row = self.db.fetchone(sql, {"ip": ip})
+        except (DatabaseUnavailable, DatabaseError):
+            return None
+        return (0, 60.0) if row is None else (int(row["failures"]), float(row["left_s"]))
+
+    def _block(self, ip: str, seconds: float) -> None:
+        if len(self._blocked_until) > 10_000:
+            self._blocked_until.clear()
+        self._blocked_until[ip] = time.monotonic() + seconds
 
     def fail(self, reason: str, status: int = 401, message: str = "missing or invalid API key",
              **fields) -> ApiError:
         """Count and log an authentication failure; return the error to raise."""
         ip = client_ip()
         self.failures.hit(ip)
+        shared = self._shared(_SHARED_HIT, ip)
+        if shared is not None and shared[0] >= self.limit:
+            self._block(ip, shared[1])
         if self.metrics_on:
             metrics.AUTH_FAILURES.labels(reason=reason).inc()
         log.warning("authentication failed: %s", reason, extra={
@@ -52,16 +91,36 @@ class Guard:
             "method": request.method, **fields})
         return ApiError(status, message)
 
+    def _retry_after(self, ip: str) -> int | None:
+        """Seconds until ip may try again, or None when it is not blocked."""
+        until = self._blocked_until.get(ip)
+        if until is not None and until > time.monotonic():
+            return max(1, math.ceil(until - time.monotonic()))
+        if self.failures.exceeded(ip):
+            return self.failures.retry_after(ip)
+        shared = self._shared(_SHARED_READ, ip)
+        if shared is not None and shared[0] >= self.limit:
+            self._block(ip, shared[1])
+            return max(1, math.ceil(shared[1]))
+        return None
+
     def check_blocked(self) -> None:
         """429 for an address over its failed-attempt allowance, whatever it sends now."""
         ip = client_ip()
-        if self.failures.exceeded(ip):
-            if self.metrics_on:
-                metrics.AUTH_FAILURES.labels(reason="rate_limited").inc()
-            log.warning("rate limited after repeated authentication failures", extra={
-                "event": "rate_limited", "reason": "auth_failures", "client_ip": ip, "path": request.path})
-            raise ApiError(429, "too many failed authentication attempts; retry later",
-                           headers={"Retry-After": str(self.failures.retry_after(ip))})
+        wait = self._retry_after(ip)
+        if wait is None:
+            return
+        if self.metrics_on:
+            metrics.AUTH_FAILURES.labels(reason="rate_limited").inc()
+        log.warning("rate limited after repeated authentication failures", extra={
+            "event": "rate_limited", "reason": "auth_failures", "client_ip": ip, "path": request.path})
+        raise ApiError(429, "too many failed authentication attempts; retry later",
+                       headers={"Retry-After": str(wait)})
+
+    def prune(self) -> None:
+        """Drop expired shared counters (periodic)."""
+        if self.db is not None:
+            self.db.execute(_SHARED_PRUNE)
 
     def require_api_key(self) -> None:
         """before_request of /api/v1: 429 if blocked, 401 if the key is missing or wrong."""

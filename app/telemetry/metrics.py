@@ -184,12 +184,33 @@ def wipe_multiprocess_dir(path: str) -> None:
             os.remove(os.path.join(path, name))
 
 
+class _NonEmptyFilesCollector:
+    """MultiProcessCollector that skips files a starting worker has created but not sized yet.
+
+    prometheus_client creates a worker's file and then grows it; a scrape landing between
+    the two would fail on the empty file (struct.error) and answer 500.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self):
+        files = []
+        for name in glob.glob(os.path.join(self.path, "*.db")):
+            try:
+                if os.path.getsize(name) >= 8:
+                    files.append(name)
+            except FileNotFoundError:
+                continue
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+
+
 def exposition() -> tuple[bytes, str]:
     """The text exposition of every metric, merged over all workers when multiprocess."""
     if multiprocess_enabled():
         path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path)
+        registry.register(_NonEmptyFilesCollector(path))
         with _dir_lock(path, exclusive=False):
             return generate_latest(registry), CONTENT_TYPE_LATEST
     from prometheus_client import REGISTRY
