@@ -1,63 +1,46 @@
-"""GET /api/v1/traces/analytics: the business and bottleneck figures of SPEC 4.6."""
+"""GET /api/v1/traces/analytics: the business and bottleneck figures of SPEC 4.6.
+
+Where the figures come from (sql/006_analytics_rollup.sql):
+
+* Finished rows (completed|failed|error) are counted by PostgreSQL triggers into rollups per
+  UTC hour and instance (counts, duration sums, > 10 s counts), log-spaced duration
+  histograms per hour and per day (message and per-step durations, exact count and sum per
+  ~1 % bucket) and messages per day and user. The triggers see every writer, so the rollups
+  are always exactly the aggregate of the committed rows.
+* A period [start_date, end_date] is split into the whole UTC hours (days for the histograms
+  and top users) strictly inside it, read from the rollups, and the partial hours (days) at
+  both ends, read from message_trace itself, as are rows still `processing` (few, found
+  through the partial index message_trace_processing). Without dates: the rollups plus the
+  processing rows.
+* Counts, success rates, averages, volume, peak hours, by_instance, top users, slow messages
+  and the steps' averages and shares are therefore exact. A slow threshold other than the
+  10 s kept in the rollups is counted from message_trace.
+* Percentiles (p50/p95/p99 of the message duration and each step's p95) are exact
+  (percentile_cont over the rows) when the period holds at most EXACT_PERCENTILE_MAX finished
+  messages; above that they come from the histograms, interpolated inside the bucket, within
+  about 1 % of percentile_cont.
+"""
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 from app.db import Database
 
 INTERVALS = ("hour", "day", "week", "month")
-
-# The filter is shared by every query; values stay parameters.
-_WHERE = """WHERE (%(start)s::timestamptz IS NULL OR created_at >= %(start)s)
-              AND (%(end)s::timestamptz IS NULL OR created_at <= %(end)s)
-              AND (%(instance)s::text IS NULL OR instance_name = %(instance)s)"""
-
-TOTALS = f"""
-SELECT count(*) AS total,
-       count(*) FILTER (WHERE status = 'completed') AS completed,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE status = 'error') AS error,
-       count(*) FILTER (WHERE status = 'processing') AS processing,
-       avg(duration_ms) FILTER (WHERE status <> 'processing') AS avg_duration_ms,
-       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration_ms)
-           FILTER (WHERE status <> 'processing') AS pct,
-       count(*) FILTER (WHERE duration_ms > %(slow_ms)s) AS slow_messages
-FROM message_trace {_WHERE}"""
-
-BY_INSTANCE = f"""
-SELECT instance_name, count(*) AS total,
-       count(*) FILTER (WHERE status = 'completed') AS completed,
-       count(*) FILTER (WHERE status <> 'processing') AS finished,
-       avg(duration_ms) FILTER (WHERE status <> 'processing') AS avg_duration_ms
-FROM message_trace {_WHERE}
-GROUP BY instance_name ORDER BY total DESC, instance_name"""
-
-VOLUME = f"""
-SELECT date_trunc(%(interval)s, created_at) AS bucket, count(*) AS total,
-       count(*) FILTER (WHERE status IN ('failed', 'error')) AS failed
-FROM message_trace {_WHERE}
-GROUP BY 1 ORDER BY 1"""
-
-TOP_USERS = f"""
-SELECT user_id, count(*) AS total FROM message_trace {_WHERE}
-GROUP BY user_id ORDER BY total DESC, user_id LIMIT %(top)s"""
-
-PEAK_HOURS = f"""
-SELECT extract(hour FROM created_at)::int AS hour, count(*) AS total
-FROM message_trace {_WHERE}
-GROUP BY 1 ORDER BY total DESC, hour"""
-
-STEPS = f"""
-WITH t AS (SELECT steps, duration_ms FROM message_trace {_WHERE} AND status <> 'processing'),
-     s AS (SELECT e->>'step' AS step, (e->>'duration_ms')::numeric AS ms
-           FROM t, jsonb_array_elements(t.steps) AS e
-           WHERE e->>'duration_ms' IS NOT NULL)
-SELECT s.step, avg(s.ms) AS avg_duration_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY s.ms) AS p95_duration_ms,
-       sum(s.ms) / NULLIF((SELECT sum(duration_ms) FROM t), 0) AS share_of_total
-FROM s GROUP BY s.step"""
-
 STEP_ORDER = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
+
+# Periods with at most this many finished messages get exact percentiles from the rows.
+EXACT_PERCENTILE_MAX = 50_000
+# The slow threshold counted in trace_rollup_hour.slow_n.
+ROLLUP_SLOW_MS = 10_000
+# Histogram bucket b holds durations ms with floor(ln(1 + ms) / ln(BASE)) = b.
+BUCKET_BASE = 1.01
+ALL = "*"   # instance_name of the all-instances rows in the histogram and user rollups
+
+_HOUR = dt.timedelta(hours=1)
+_DAY = dt.timedelta(days=1)
+_FINAL = "status IN ('completed', 'failed', 'error')"
 
 
 def _num(value) -> float | None:
@@ -72,46 +55,296 @@ def _iso(ts: dt.datetime) -> str:
     return ts.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def _utc(ts: dt.datetime | None) -> dt.datetime | None:
+    if ts is None:
+        return None
+    return ts.replace(tzinfo=dt.timezone.utc) if ts.tzinfo is None else ts.astimezone(dt.timezone.utc)
+
+
+def _floor(ts: dt.datetime, unit: dt.timedelta) -> dt.datetime:
+    if unit == _HOUR:
+        return ts.replace(minute=0, second=0, microsecond=0)
+    return ts.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _ceil(ts: dt.datetime, unit: dt.timedelta) -> dt.datetime:
+    f = _floor(ts, unit)
+    return f if f == ts else f + unit
+
+
+class _Sql:
+    """Builds `created_at` range conditions with named parameters."""
+
+    def __init__(self, params: dict) -> None:
+        self.params = params
+        self.n = 0
+
+    def bind(self, value) -> str:
+        self.n += 1
+        name = f"p{self.n}"
+        self.params[name] = value
+        return f"%({name})s"
+
+    def ranges(self, ranges: list[tuple], col: str = "created_at") -> str:
+        """OR of [lo, hi) ranges (hi inclusive when the tuple's third item is True); None = open."""
+        parts = []
+        for lo, hi, hi_incl in ranges:
+            conds = []
+            if lo is not None:
+                conds.append(f"{col} >= {self.bind(lo)}")
+            if hi is not None:
+                conds.append(f"{col} {'<=' if hi_incl else '<'} {self.bind(hi)}")
+            parts.append("(" + " AND ".join(conds) + ")" if conds else "true")
+        return "(" + " OR ".join(parts) + ")" if parts else "false"
+
+
+def _split(start: dt.datetime | None, end: dt.datetime | None, unit: dt.timedelta):
+    """(rollup range [lo, hi) or None, raw ranges) for [start, end] with whole `unit`s inside."""
+    lo = None if start is None else _ceil(start, unit)
+    hi = None if end is None else _floor(end, unit)
+    if lo is not None and hi is not None and lo >= hi:
+        return None, [(start, end, True)]
+    raw = []
+    if start is not None and start < lo:
+        raw.append((start, lo, False))
+    if end is not None:
+        raw.append((hi, end, True))
+    return (lo, hi), raw
+
+
+def _bucket_value(b: int, n: int, ms_sum: float, k: float) -> float:
+    """Estimate of the k-th (0-based, inside the bucket) of n values in bucket b."""
+    lo = math.exp(b * math.log(BUCKET_BASE)) - 1
+    hi = math.exp((b + 1) * math.log(BUCKET_BASE)) - 1
+    mean = ms_sum / n
+    # Spread evenly over the bucket's width, centred on the bucket's exact mean.
+    est = mean + (hi - lo) * ((k + 0.5) / n - 0.5)
+    return min(max(est, lo), hi)
+
+
+def hist_percentiles(hist: list[tuple[int, int, float]], ps: list[float]) -> list[float | None]:
+    """percentile_cont-style percentiles from (bucket, n, ms_sum) rows sorted by bucket."""
+    total = sum(n for _, n, _ in hist)
+    if total == 0:
+        return [None] * len(ps)
+
+    def at_rank(r: int) -> float:
+        cum = 0
+        for b, n, s in hist:
+            if r < cum + n:
+                return _bucket_value(b, n, float(s), r - cum)
+            cum += n
+        b, n, s = hist[-1]
+        return _bucket_value(b, n, float(s), n - 1)
+
+    out = []
+    for p in ps:
+        pos = p * (total - 1)
+        r0, r1 = math.floor(pos), math.ceil(pos)
+        v0 = at_rank(r0)
+        out.append(v0 if r1 == r0 else v0 + (pos - r0) * (at_rank(r1) - v0))
+    return out
+
+
 def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
-            instance: str | None, interval: str, top: int, slow_ms: int) -> dict:
+            instance: str | None, interval: str, top: int, slow_ms: int,
+            exact_max: int | None = None) -> dict:
     """Every figure of the analytics answer, from one read-only transaction."""
-    params = {"start": start, "end": end, "instance": instance, "interval": interval,
-              "top": top, "slow_ms": slow_ms}
+    exact_max = EXACT_PERCENTILE_MAX if exact_max is None else exact_max
+    start, end = _utc(start), _utc(end)
+    hours, raw_h = _split(start, end, _HOUR)
+    days, raw_d = (None, raw_h) if hours is None else _split(hours[0], hours[1], _DAY)
+    # Hours inside `hours` that are not whole days: read from trace_hist_hour.
+    if hours is None:
+        hist_hours: list[tuple] = []
+    elif days is None:
+        hist_hours = [(hours[0], hours[1], False)]
+    else:
+        hist_hours = [r for r in raw_d if r[0] != r[1]]
+        hist_hours = [(lo, hi, False) for lo, hi, _ in hist_hours]
+    # Top users: whole days from trace_user_day, the rest of [start, end] from the rows.
+    if days is None:
+        raw_users = [(start, end, True)]
+    else:
+        raw_users = ([(start, days[0], False)] if start is not None and start < days[0] else []) \
+            + ([(days[1], end, True)] if end is not None else [])
+
+    ikey = instance if instance is not None else ALL
+    params: dict = {"instance": instance, "ikey": ikey, "interval": interval, "top": top,
+                    "slow_ms": slow_ms}
+    q = _Sql(params)
+    inst = "(%(instance)s::text IS NULL OR instance_name = %(instance)s)"
+    slow_col = "slow_n" if slow_ms == ROLLUP_SLOW_MS else "0::bigint"
+
+    # --- counts per (hour, instance, status): rollup + raw edges + processing rows ---------
+    if hours is None:
+        raw_counts = q.ranges(raw_h)
+        rollup_counts = ""
+    else:
+        raw_counts = (f"({q.ranges(raw_h)} OR (status = 'processing' AND "
+                      f"{q.ranges([(hours[0], hours[1], False)])}))")
+        rollup_counts = f"""
+            SELECT hour, instance_name, status, messages, duration_n, duration_sum, {slow_col} AS slow_n
+            FROM trace_rollup_hour
+            WHERE {inst} AND {q.ranges([(hours[0], hours[1], False)], 'hour')}
+            UNION ALL"""
+    counts_sql = f"""
+        WITH facts AS MATERIALIZED ({rollup_counts}
+            SELECT date_trunc('hour', created_at, 'UTC'), instance_name, status, count(*),
+                   count(duration_ms), coalesce(sum(duration_ms), 0),
+                   count(*) FILTER (WHERE duration_ms > %(slow_ms)s)
+            FROM message_trace WHERE {inst} AND {raw_counts}
+            GROUP BY 1, 2, 3)
+        SELECT 'i' AS part, instance_name, status, NULL::timestamptz AS bucket, NULL::int AS hod,
+               sum(messages) AS m, sum(duration_n) AS dn, sum(duration_sum) AS ds, sum(slow_n) AS sn
+        FROM facts GROUP BY instance_name, status
+        UNION ALL
+        SELECT 'v', NULL, NULL, date_trunc(%(interval)s, hour, 'UTC'), NULL, sum(messages),
+               sum(messages) FILTER (WHERE status IN ('failed', 'error')), NULL, NULL
+        FROM facts GROUP BY 4
+        UNION ALL
+        SELECT 'p', NULL, NULL, NULL, extract(hour FROM hour AT TIME ZONE 'UTC')::int,
+               sum(messages), NULL, NULL, NULL
+        FROM facts GROUP BY 5"""
+
+    # --- histograms (message and step durations): day + hour rollups + raw edges ----------
+    hist_parts = []
+    if days is not None:
+        hist_parts.append(f"""SELECT kind, bucket, n, ms_sum FROM trace_hist_day
+            WHERE instance_name = %(ikey)s AND {q.ranges([(days[0], days[1], False)], 'day')}""")
+    if hist_hours:
+        hist_parts.append(f"""SELECT kind, bucket, n, ms_sum FROM trace_hist_hour
+            WHERE instance_name = %(ikey)s AND {q.ranges(hist_hours, 'hour')}""")
+    hist_parts.append(f"""
+        SELECT kind, floor(ln(1 + greatest(ms, 0)::float8) / ln({BUCKET_BASE}))::int, 1, ms
+        FROM (SELECT 'total'::text AS kind, duration_ms::numeric AS ms FROM r
+              WHERE duration_ms IS NOT NULL
+              UNION ALL
+              SELECT x->>'step', (x->>'duration_ms')::numeric
+              FROM r, jsonb_array_elements(CASE jsonb_typeof(r.steps) WHEN 'array' THEN r.steps
+                                                ELSE '[]'::jsonb END) AS x
+              WHERE x->>'duration_ms' IS NOT NULL AND x->>'step' IS NOT NULL) e""")
+    hist_sql = f"""
+        WITH r AS (SELECT duration_ms, steps FROM message_trace
+                   WHERE {inst} AND {_FINAL} AND {q.ranges(raw_h)})
+        SELECT kind, bucket, sum(n) AS n, sum(ms_sum) AS ms_sum
+        FROM ({" UNION ALL ".join(hist_parts)}) h
+        GROUP BY kind, bucket HAVING sum(n) <> 0 ORDER BY kind, bucket"""
+
+    # --- top users ------------------------------------------------------------------------
+    user_parts = []
+    raw_user_cond = q.ranges(raw_users)
+    if days is not None:
+        user_parts.append(f"""SELECT user_id, n FROM trace_user_day
+            WHERE instance_name = %(ikey)s AND {q.ranges([(days[0], days[1], False)], 'day')}""")
+        raw_user_cond = (f"({raw_user_cond} OR (status = 'processing' AND "
+                         f"{q.ranges([(days[0], days[1], False)])}))")
+    user_parts.append(f"""SELECT user_id, count(*) FROM message_trace
+        WHERE {inst} AND {raw_user_cond} GROUP BY user_id""")
+    users_sql = f"""
+        SELECT user_id, sum(n) AS total FROM ({" UNION ALL ".join(user_parts)}) u
+        GROUP BY user_id HAVING sum(n) > 0 ORDER BY total DESC, user_id LIMIT %(top)s"""
+
+    whole = q.ranges([(start, end, True)])
+    slow_sql = f"""SELECT count(*) AS n FROM message_trace
+        WHERE {inst} AND {whole} AND duration_ms > %(slow_ms)s"""
+    exact_sql = f"""
+        SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration_ms) AS pct
+        FROM message_trace WHERE {inst} AND {whole} AND status <> 'processing'"""
+    exact_steps_sql = f"""
+        SELECT x->>'step' AS step,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY (x->>'duration_ms')::numeric) AS p95
+        FROM message_trace, jsonb_array_elements(steps) AS x
+        WHERE {inst} AND {whole} AND status <> 'processing' AND x->>'duration_ms' IS NOT NULL
+        GROUP BY 1"""
+
     with db.cursor() as cur:
         # One snapshot so the parts add up even while traces arrive.
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        cur.execute(TOTALS, params)
-        totals = cur.fetchone()
-        cur.execute(BY_INSTANCE, params)
-        by_instance = cur.fetchall()
-        cur.execute(VOLUME, params)
-        volume = cur.fetchall()
-        cur.execute(TOP_USERS, params)
+        cur.execute(counts_sql, params)
+        facts = cur.fetchall()
+        cur.execute(hist_sql, params)
+        hist_rows = cur.fetchall()
+        cur.execute(users_sql, params)
         top_users = cur.fetchall()
-        cur.execute(PEAK_HOURS, params)
-        peak = cur.fetchall()
-        cur.execute(STEPS, params)
-        steps = {row["step"]: row for row in cur.fetchall()}
-    pct = totals["pct"] or [None, None, None]
+        slow_messages = None
+        if slow_ms != ROLLUP_SLOW_MS:
+            cur.execute(slow_sql, params)
+            slow_messages = cur.fetchone()["n"]
+        per_inst: dict[str, dict] = {}
+        totals = {"completed": 0, "failed": 0, "error": 0, "processing": 0, "total": 0,
+                  "dn": 0, "ds": 0, "sn": 0}
+        volume, peak = [], []
+        for r in facts:
+            if r["part"] == "v":
+                if r["m"]:
+                    volume.append(r)
+            elif r["part"] == "p":
+                if r["m"]:
+                    peak.append(r)
+            else:
+                st, m = r["status"], int(r["m"])
+                d = per_inst.setdefault(r["instance_name"], {"total": 0, "completed": 0,
+                                                             "finished": 0, "dn": 0, "ds": 0})
+                d["total"] += m
+                totals["total"] += m
+                totals[st] = totals.get(st, 0) + m
+                totals["sn"] += int(r["sn"] or 0)
+                if st != "processing":
+                    d["finished"] += m
+                    d["dn"] += int(r["dn"])
+                    d["ds"] += int(r["ds"])
+                    totals["dn"] += int(r["dn"])
+                    totals["ds"] += int(r["ds"])
+                if st == "completed":
+                    d["completed"] += m
+        exact = totals["dn"] <= exact_max
+        pct_exact, steps_exact = None, {}
+        if exact and totals["dn"]:
+            cur.execute(exact_sql, params)
+            pct_exact = cur.fetchone()["pct"]
+            cur.execute(exact_steps_sql, params)
+            steps_exact = {row["step"]: row["p95"] for row in cur.fetchall()}
+
+    hists: dict[str, list] = {}
+    for r in hist_rows:
+        hists.setdefault(r["kind"], []).append((r["bucket"], int(r["n"]), r["ms_sum"]))
+    if exact:
+        pct = pct_exact or [None, None, None]
+    else:
+        pct = hist_percentiles(hists.get("total", []), [0.5, 0.95, 0.99])
+    total_ms = totals["ds"]
+    steps = []
+    for name in STEP_ORDER:
+        h = hists.get(name)
+        if not h:
+            continue
+        n = sum(c for _, c, _ in h)
+        s = sum(float(x) for _, _, x in h)
+        p95 = steps_exact.get(name) if exact else hist_percentiles(h, [0.95])[0]
+        steps.append({"step": name, "avg_duration_ms": _num(s / n),
+                      "p95_duration_ms": _num(p95),
+                      "share_of_total": round(s / total_ms, 4) if total_ms else None})
+    by_instance = sorted(((name, d) for name, d in per_inst.items() if d["total"]),
+                         key=lambda kv: (-kv[1]["total"], kv[0]))
     total = totals["total"]
     return {
         "total": total, "completed": totals["completed"], "failed": totals["failed"],
         "error": totals["error"], "processing": totals["processing"],
         # Success rate is over finished messages: in-flight ones have no outcome yet.
         "success_rate": _rate(totals["completed"], total - totals["processing"]),
-        "avg_duration_ms": _num(totals["avg_duration_ms"]),
+        "avg_duration_ms": _num(totals["ds"] / totals["dn"]) if totals["dn"] else None,
         "p50_duration_ms": _num(pct[0]), "p95_duration_ms": _num(pct[1]),
-        "p99_duration_ms": _num(pct[2]), "slow_messages": totals["slow_messages"],
-        "by_instance": [{"instance_name": r["instance_name"], "total": r["total"],
-                         "success_rate": _rate(r["completed"], r["finished"]),
-                         "avg_duration_ms": _num(r["avg_duration_ms"])} for r in by_instance],
-        "volume": [{"bucket": _iso(r["bucket"]), "total": r["total"], "failed": r["failed"]}
-                   for r in volume],
-        "top_users": [{"user_id": r["user_id"], "total": r["total"]} for r in top_users],
-        "peak_hours": [{"hour": r["hour"], "total": r["total"]} for r in peak],
-        "steps": [{"step": name, "avg_duration_ms": _num(steps[name]["avg_duration_ms"]),
-                   "p95_duration_ms": _num(steps[name]["p95_duration_ms"]),
-                   "share_of_total": None if steps[name]["share_of_total"] is None
-                   else round(float(steps[name]["share_of_total"]), 4)}
-                  for name in STEP_ORDER if name in steps],
+        "p99_duration_ms": _num(pct[2]),
+        "slow_messages": totals["sn"] if slow_messages is None else slow_messages,
+        "by_instance": [{"instance_name": name, "total": d["total"],
+                         "success_rate": _rate(d["completed"], d["finished"]),
+                         "avg_duration_ms": _num(d["ds"] / d["dn"]) if d["dn"] else None}
+                        for name, d in by_instance],
+        "volume": [{"bucket": _iso(r["bucket"]), "total": int(r["m"]), "failed": int(r["dn"] or 0)}
+                   for r in sorted(volume, key=lambda r: r["bucket"])],
+        "top_users": [{"user_id": r["user_id"], "total": int(r["total"])} for r in top_users],
+        "peak_hours": [{"hour": r["hod"], "total": int(r["m"])}
+                       for r in sorted(peak, key=lambda r: (-int(r["m"]), r["hod"]))],
+        "steps": steps,
     }

@@ -130,8 +130,9 @@ class TraceWriter:
             self._retry_at = time.monotonic() + 1.0
             return
         for row, fut in inserts:
-            trace_id, inserted = result.get((row.instance_id, row.message_id), (row.trace_id, True))
-            fut.set_result((trace_id, inserted))
+            trace_id, _ = result.get((row.instance_id, row.message_id), (row.trace_id, True))
+            # Duplicates inside one batch share a key: only the row whose id won was inserted.
+            fut.set_result((trace_id, trace_id == row.trace_id))
 
 
 def new_trace_id() -> uuid.UUID:

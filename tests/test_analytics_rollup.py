@@ -1,0 +1,297 @@
+"""The analytics rollups of sql/006 (kept by triggers) and the hybrid reads of
+app/traces/analytics.py: rollups equal a from-scratch aggregation after every kind of write,
+partial hours and days at the ends of a period are exact, and histogram percentiles are
+within 1 % of percentile_cont."""
+from __future__ import annotations
+
+import datetime as dt
+import random
+import uuid
+
+import psycopg2
+import psycopg2.extras
+import pytest
+
+from app.db import Database
+from app.traces import analytics
+from app.traces.store import FinishedTrace, TraceStore
+from tests.support import migrate
+from tests.test_traces_api import (STEPS, check_analytics, expected_analytics, insert_rows,
+                                   make_row, percentile_cont)
+
+UTC = dt.timezone.utc
+psycopg2.extras.register_uuid()
+
+FINAL = "status IN ('completed', 'failed', 'error')"
+ELEMENTS = f"""
+    SELECT instance_name, created_at, 'total'::text AS kind, duration_ms::numeric AS ms
+    FROM message_trace WHERE {FINAL} AND duration_ms IS NOT NULL
+    UNION ALL
+    SELECT instance_name, created_at, x->>'step', (x->>'duration_ms')::numeric
+    FROM message_trace, jsonb_array_elements(steps) AS x
+    WHERE {FINAL} AND x->>'duration_ms' IS NOT NULL"""
+BUCKET = "floor(ln(1 + greatest(ms, 0)::float8) / ln(1.01))::int"
+
+# (rollup query, the same figures computed from message_trace from scratch)
+CHECKS = {
+    "trace_rollup_hour": (
+        """SELECT instance_name, hour, status, messages, duration_n, duration_sum, slow_n
+           FROM trace_rollup_hour WHERE messages <> 0 OR duration_n <> 0""",
+        f"""SELECT instance_name, date_trunc('hour', created_at, 'UTC'), status, count(*),
+                   count(duration_ms), coalesce(sum(duration_ms), 0),
+                   count(*) FILTER (WHERE duration_ms > 10000)
+            FROM message_trace WHERE {FINAL} GROUP BY 1, 2, 3"""),
+    "trace_hist_hour": (
+        "SELECT instance_name, hour, kind, bucket, n, ms_sum FROM trace_hist_hour WHERE n <> 0",
+        f"""SELECT coalesce(instance_name, '*'), h, kind, b, count(*), sum(ms)
+            FROM (SELECT *, date_trunc('hour', created_at, 'UTC') AS h, {BUCKET} AS b
+                  FROM ({ELEMENTS}) e) e
+            GROUP BY GROUPING SETS ((instance_name, h, kind, b), (h, kind, b))"""),
+    "trace_hist_day": (
+        "SELECT instance_name, day, kind, bucket, n, ms_sum FROM trace_hist_day WHERE n <> 0",
+        f"""SELECT coalesce(instance_name, '*'), d, kind, b, count(*), sum(ms)
+            FROM (SELECT *, date_trunc('day', created_at, 'UTC') AS d, {BUCKET} AS b
+                  FROM ({ELEMENTS}) e) e
+            GROUP BY GROUPING SETS ((instance_name, d, kind, b), (d, kind, b))"""),
+    "trace_user_day": (
+        "SELECT instance_name, day, user_id, n FROM trace_user_day WHERE n <> 0",
+        f"""SELECT coalesce(instance_name, '*'), d, user_id, count(*)
+            FROM (SELECT *, date_trunc('day', created_at, 'UTC') AS d FROM message_trace
+                  WHERE {FINAL}) m
+            GROUP BY GROUPING SETS ((instance_name, d, user_id), (d, user_id))"""),
+}
+
+
+def query(url: str, sql: str, params=None) -> list[tuple]:
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute(sql, params)
+        rows = cur.fetchall() if cur.description else []
+    conn.close()
+    return rows
+
+
+def assert_rollups_exact(url: str) -> None:
+    for table, (rollup, scratch) in CHECKS.items():
+        got, want = sorted(query(url, rollup)), sorted(query(url, scratch))
+        assert got == want, f"{table}: {len(got)} rollup rows vs {len(want)} from scratch; " \
+                            f"missing {sorted(set(want) - set(got))[:3]}, extra {sorted(set(got) - set(want))[:3]}"
+    # Zero rows are removed when a subtraction empties them.
+    assert not query(url, "SELECT 1 FROM trace_hist_day WHERE n = 0")
+
+
+@pytest.fixture()
+def db_url(pg):
+    url = pg.create_database()
+    migrate(url)
+    return url
+
+
+def dense_rows(n: int, now: dt.datetime, seed: int = 11, days: float = 4.0) -> list[dict]:
+    """n finished (and a few processing) rows over `days` days, several per hour."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        status = rng.choices(["completed", "failed", "error", "processing"], [70, 15, 5, 10])[0]
+        rows.append(make_row(rng, now - dt.timedelta(seconds=rng.uniform(0, days * 86400)), status=status))
+    return rows
+
+
+def test_rollups_follow_every_kind_of_write(db_url):
+    now = dt.datetime.now(UTC)
+    rows = dense_rows(400, now)
+    # Rows exactly on hour and day boundaries.
+    for r, ts in zip(rows[:3], (dt.datetime(2025, 1, 1, tzinfo=UTC), dt.datetime(2025, 1, 1, 1, tzinfo=UTC),
+                                dt.datetime(2024, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))):
+        r["created_at"] = ts
+    insert_rows(db_url, rows)
+    assert_rollups_exact(db_url)
+
+    # The writer's finish: processing -> final.
+    db = Database(db_url, size=2)
+    processing = [r for r in rows if r["status"] == "processing"]
+    assert len(processing) > 10
+    conn = psycopg2.connect(db_url)
+    with conn, conn.cursor() as cur:
+        TraceStore.finish(cur, [FinishedTrace(r["trace_id"], "completed", 1234 + i, "ok",
+                                              [{"step": s, "status": "success", "duration_ms": 5 + i,
+                                                "timestamp": None} for s in STEPS], None, None)
+                                for i, r in enumerate(processing[:6])])
+    conn.close()
+    assert_rollups_exact(db_url)
+
+    # Sweeps and recovery: old processing rows become `error` with a duration.
+    stale = [make_row(random.Random(i), now - dt.timedelta(hours=3 + i), status="processing")
+             for i in range(8)]
+    for i, r in enumerate(stale):
+        r["message_id"] = f"stale-{i}"
+    insert_rows(db_url, stale)
+    store = TraceStore(db)
+    assert store.sweep_stale(0) >= 8
+    conn = psycopg2.connect(db_url)
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE message_trace SET owner = 'dead:1' WHERE status = 'processing'")
+    conn.close()
+    assert store.abandon_owned("dead:%", "worker lost") > 0
+    assert_rollups_exact(db_url)
+
+    # Arbitrary updates of final rows: status, duration, steps, instance and user change.
+    query(db_url, """UPDATE message_trace SET status = 'failed', duration_ms = duration_ms + 7,
+                         instance_name = 'beta', user_id = 'whatsapp:+1'
+                     WHERE trace_id IN (SELECT trace_id FROM message_trace
+                                        WHERE status = 'completed' LIMIT 25)""")
+    query(db_url, """UPDATE message_trace SET steps = '[]'::jsonb, duration_ms = NULL
+                     WHERE trace_id IN (SELECT trace_id FROM message_trace
+                                        WHERE status = 'error' LIMIT 5)""")
+    assert_rollups_exact(db_url)
+
+    # Purge (batched deletes) and a plain delete.
+    assert store.delete_older_than(now - dt.timedelta(days=2), batch=37) > 50
+    query(db_url, "DELETE FROM message_trace WHERE instance_name = 'gamma' AND status = 'failed'")
+    assert_rollups_exact(db_url)
+
+    # A bulk load in one statement (as bench/traces.py does it).
+    from bench.traces import GENERATE
+    query(db_url, GENERATE, {"instances": 3, "users": 50, "total": 3000, "span_ms": 3 * 86_400_000})
+    assert_rollups_exact(db_url)
+    query(db_url, "DELETE FROM message_trace")
+    assert_rollups_exact(db_url)
+    assert query(db_url, "SELECT count(*) FROM trace_rollup_hour")[0][0] == 0
+    db.close()
+
+
+def test_migration_backfills_existing_rows(pg):
+    """006 applied to a table that already holds traces counts them."""
+    from pathlib import Path
+    import shutil
+    import tempfile
+
+    from app.db import migrate as run_migrate
+    url = pg.create_database()
+    pre = Path(tempfile.mkdtemp())
+    for p in sorted(Path(__file__).resolve().parents[1].joinpath("sql").glob("00[1-5]_*.sql")):
+        shutil.copy(p, pre)
+    run_migrate(url, pre)
+    insert_rows(url, dense_rows(200, dt.datetime.now(UTC)))
+    run_migrate(url)
+    assert_rollups_exact(url)
+    shutil.rmtree(pre)
+
+
+def compute(url: str, **kw) -> dict:
+    db = Database(url, size=1)
+    try:
+        args = {"start": None, "end": None, "instance": None, "interval": "day", "top": 10,
+                "slow_ms": 10000}
+        args.update(kw)
+        return analytics.compute(db, **args)
+    finally:
+        db.close()
+
+
+def test_partial_hours_and_days_are_exact(db_url):
+    now = dt.datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+    rows = dense_rows(1500, now, days=5)
+    # Rows on the period boundaries used below.
+    edges = [now - dt.timedelta(days=3, minutes=17), now - dt.timedelta(hours=5),
+             (now - dt.timedelta(days=2)).replace(hour=0, minute=0), now - dt.timedelta(hours=30, minutes=1)]
+    for r, ts in zip([r for r in rows if r["status"] != "processing"][:len(edges)], edges):
+        r["created_at"] = ts
+    insert_rows(db_url, rows)
+    day0 = (now - dt.timedelta(days=2)).replace(hour=0, minute=0)
+    periods = [
+        (None, None), (edges[0], None), (None, edges[1]), (edges[0], edges[1]),
+        (edges[0], edges[3]),                                   # no whole day inside
+        (day0, day0 + dt.timedelta(days=1)),                    # exactly one day, both on bounds
+        (day0 + dt.timedelta(hours=1), day0 + dt.timedelta(hours=2)),   # one whole hour
+        (edges[1] - dt.timedelta(minutes=20), edges[1]),        # inside one hour
+        (edges[1], edges[1]),                                   # one instant
+        (now - dt.timedelta(days=1, seconds=1), now + dt.timedelta(minutes=1)),   # last 24 h
+    ]
+    for start, end in periods:
+        for instance in (None, "beta"):
+            for interval in ("hour", "week") if instance else ("day", "month"):
+                for slow_ms in (10000, 5000):
+                    got = compute(db_url, start=start, end=end, instance=instance, interval=interval,
+                                  slow_ms=slow_ms, top=5)
+                    want = expected_analytics(rows, start=start, end=end, instance=instance,
+                                              interval=interval, top=5, slow_ms=slow_ms)
+                    check_analytics(got, want)
+    assert compute(db_url)["total"] == len(rows)
+
+
+def test_histogram_percentiles_within_one_percent(db_url, monkeypatch):
+    now = dt.datetime.now(UTC)
+    rows = dense_rows(3000, now, seed=3, days=6)
+    insert_rows(db_url, rows)
+    start, end = now - dt.timedelta(days=4, minutes=7), now - dt.timedelta(hours=2, minutes=3)
+    monkeypatch.setattr(analytics, "EXACT_PERCENTILE_MAX", 100)
+    for instance in (None, "alpha"):
+        for s, e in ((None, None), (start, end)):
+            got = compute(db_url, start=s, end=e, instance=instance)
+            want = expected_analytics(rows, start=s, end=e, instance=instance)
+            fin = [r["duration_ms"] for r in rows if r["status"] != "processing"
+                   and (s is None or r["created_at"] >= s) and (e is None or r["created_at"] <= e)
+                   and (instance is None or r["instance_name"] == instance)]
+            assert len(fin) > 100   # the histogram path
+            for key in ("p50_duration_ms", "p95_duration_ms", "p99_duration_ms"):
+                assert abs(got[key] - want[key]) <= 0.01 * want[key] + 0.01, (key, got[key], want[key])
+                got[key] = want[key]
+            for gs, ws in zip(got["steps"], want["steps"]):
+                assert abs(gs["p95_duration_ms"] - ws["p95_duration_ms"]) <= \
+                    0.01 * ws["p95_duration_ms"] + 0.01, (gs, ws)
+                gs["p95_duration_ms"] = ws["p95_duration_ms"]
+            # Everything else stays exact.
+            check_analytics(got, want)
+
+
+def test_hist_percentiles_match_percentile_cont_on_synthetic_values():
+    rng = random.Random(5)
+    for values in ([rng.randint(1, 30) for _ in range(500)],
+                   [int(rng.lognormvariate(8, 0.4)) for _ in range(5000)],
+                   [0, 0, 0, 1, 1, 2, 10000], [42]):
+        hist: dict[int, list] = {}
+        for v in values:
+            b = int(__import__("math").floor(__import__("math").log(1 + v) / __import__("math").log(1.01)))
+            h = hist.setdefault(b, [0, 0])
+            h[0] += 1
+            h[1] += v
+        rows = [(b, n, s) for b, (n, s) in sorted(hist.items())]
+        for p, got in zip((0.5, 0.95, 0.99), analytics.hist_percentiles(rows, [0.5, 0.95, 0.99])):
+            want = percentile_cont(values, p)
+            assert abs(got - want) <= 0.01 * want + 0.01, (p, got, want)
+    assert analytics.hist_percentiles([], [0.5]) == [None]
+
+
+def test_concurrent_finishes_do_not_deadlock(db_url):
+    """Two writers finishing interleaved batches in the same hours keep the rollups exact."""
+    import threading
+    now = dt.datetime.now(UTC)
+    rng = random.Random(9)
+    rows = [make_row(rng, now - dt.timedelta(minutes=rng.uniform(0, 120)), status="processing")
+            for _ in range(400)]
+    insert_rows(db_url, rows)
+    errors = []
+
+    def finish(part):
+        conn = psycopg2.connect(db_url)
+        try:
+            for i in range(0, len(part), 20):
+                with conn, conn.cursor() as cur:
+                    TraceStore.finish(cur, [FinishedTrace(r["trace_id"], rng.choice(["completed", "failed"]),
+                                                          100 + j, None,
+                                                          [{"step": s, "status": "success", "duration_ms": j,
+                                                            "timestamp": None} for s in STEPS], None, None)
+                                            for j, r in enumerate(part[i:i + 20])])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=finish, args=(rows[k::4],)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert_rollups_exact(db_url)
