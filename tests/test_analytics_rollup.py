@@ -5,8 +5,8 @@ within 1 % of percentile_cont."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
-import uuid
 
 import psycopg2
 import psycopg2.extras
@@ -16,10 +16,16 @@ from app.db import Database
 from app.traces import analytics
 from app.traces.store import FinishedTrace, TraceStore
 from tests.support import migrate
-from tests.test_traces_api import (STEPS, check_analytics, expected_analytics, insert_rows,
-                                   make_row, percentile_cont)
+from tests.test_traces_api import (
+    STEPS,
+    check_analytics,
+    expected_analytics,
+    insert_rows,
+    make_row,
+    percentile_cont,
+)
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 psycopg2.extras.register_uuid()
 
 FINAL = "status IN ('completed', 'failed', 'error')"
@@ -128,10 +134,10 @@ def test_rollups_follow_every_kind_of_write(db_url):
     insert_rows(db_url, stale)
     store = TraceStore(db)
     assert store.sweep_stale(0) >= 8
-    conn = psycopg2.connect(db_url)
-    with conn, conn.cursor() as cur:
-        cur.execute("UPDATE message_trace SET owner = 'dead:1' WHERE status = 'processing'")
-    conn.close()
+    fresh = [make_row(random.Random(100 + i), now - dt.timedelta(seconds=5), status="processing")
+             for i in range(4)]
+    insert_rows(db_url, fresh)
+    query(db_url, "UPDATE message_trace SET owner = 'dead:1' WHERE status = 'processing'")
     assert store.abandon_owned("dead:%", "worker lost") > 0
     assert_rollups_exact(db_url)
 
@@ -162,9 +168,9 @@ def test_rollups_follow_every_kind_of_write(db_url):
 
 def test_migration_backfills_existing_rows(pg):
     """006 applied to a table that already holds traces counts them."""
-    from pathlib import Path
     import shutil
     import tempfile
+    from pathlib import Path
 
     from app.db import migrate as run_migrate
     url = pg.create_database()
@@ -252,7 +258,7 @@ def test_hist_percentiles_match_percentile_cont_on_synthetic_values():
                    [0, 0, 0, 1, 1, 2, 10000], [42]):
         hist: dict[int, list] = {}
         for v in values:
-            b = int(__import__("math").floor(__import__("math").log(1 + v) / __import__("math").log(1.01)))
+            b = math.floor(math.log(1 + v) / math.log(1.01))
             h = hist.setdefault(b, [0, 0])
             h[0] += 1
             h[1] += v
@@ -295,3 +301,17 @@ def test_concurrent_finishes_do_not_deadlock(db_url):
         t.join()
     assert not errors, errors
     assert_rollups_exact(db_url)
+
+
+def test_degenerate_periods_answer_200_with_zeros(app_factory):
+    """Found by schemathesis: an empty or inverted period is a valid question, not a 500."""
+    from tests.support import API_KEY
+
+    client = app_factory().test_client()
+    for query in ("start_date=2000-01-01T00:00:00Z&end_date=2000-01-01T00:00:00Z&instance_name=fuzz&interval=hour",
+                  "start_date=2030-01-01T00:00:00Z&end_date=2000-01-01T00:00:00Z",
+                  "start_date=2000-01-01T00:30:00Z&end_date=2000-01-01T00:40:00Z&interval=month"):
+        r = client.get(f"/api/v1/traces/analytics?{query}", headers={"x-api-key": API_KEY})
+        assert r.status_code == 200, (query, r.get_json())
+        body = r.get_json()
+        assert body["total"] == 0 and body["p95_duration_ms"] is None and body["volume"] == []
