@@ -26,7 +26,7 @@ import requests
 
 from tests.loki_receiver import LokiReceiver
 from tests.support import (PYTHON, ROOT, PgCluster, Service, free_port, metric, migrate,
-                           parse_metrics, stop_process, wait_http, webhook)
+                           parse_metrics, wait_http, webhook)
 
 pytestmark = pytest.mark.fault
 

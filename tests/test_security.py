@@ -10,7 +10,6 @@ import concurrent.futures
 import re
 import time
 import uuid
-from pathlib import Path
 
 import psycopg2
 import pytest
