@@ -184,12 +184,15 @@ class TraceStore:
 
     def delete_older_than(self, cutoff: dt.datetime, batch: int = 5000, *,
                           exclusive: bool = True) -> int | None:
-        """Delete expired traces in bounded batches, each its own short transaction.
+        """Delete traces created before cutoff in bounded batches, each a short transaction.
 
-        With exclusive, one connection holds a session advisory lock for the whole purge and
-        this returns None when another process holds it (one purger at a time across
-        workers and replicas).
+        Whole expired UTC hours go first in purge mode (sql/007: the rollups drop those hours
+        at once instead of subtracting row by row), then the rows of the last partial hour
+        through the ordinary triggers. With exclusive, one connection holds a session
+        advisory lock for the whole purge and None is returned when another process holds
+        it (one purger at a time across workers and replicas).
         """
+        whole_hours = cutoff.astimezone(dt.timezone.utc).replace(minute=0, second=0, microsecond=0)
         total = 0
         with self.db.connection() as conn, conn.cursor() as cur:
             if exclusive:
@@ -199,19 +202,30 @@ class TraceStore:
                 if not got:
                     return None
             try:
-                while True:
-                    cur.execute(
-                        """DELETE FROM message_trace WHERE trace_id IN (
-                               SELECT trace_id FROM message_trace WHERE created_at < %(cutoff)s
-                               ORDER BY created_at LIMIT %(batch)s)""",
-                        {"cutoff": cutoff, "batch": batch})
-                    n = cur.rowcount
-                    # Commit per batch: row locks are held only for one batch at a time.
-                    conn.commit()
-                    total += n
-                    if n < batch:
-                        return total
+                total += self._delete_batches(conn, cur, whole_hours, batch, purge_mode=True)
+                cur.execute("SELECT trace_rollup_forget_before(%(cutoff)s)", {"cutoff": whole_hours})
+                conn.commit()
+                total += self._delete_batches(conn, cur, cutoff, batch, purge_mode=False)
+                return total
             finally:
                 if exclusive and not conn.closed:
                     conn.rollback()
                     cur.execute("SELECT pg_advisory_unlock(%(id)s)", {"id": PURGE_LOCK_ID})
+
+    @staticmethod
+    def _delete_batches(conn: Any, cur: Any, cutoff: dt.datetime, batch: int, *, purge_mode: bool) -> int:
+        total = 0
+        while True:
+            if purge_mode:
+                cur.execute("SET LOCAL omni.rollup_purge = 'on'")
+            cur.execute(
+                """DELETE FROM message_trace WHERE trace_id IN (
+                       SELECT trace_id FROM message_trace WHERE created_at < %(cutoff)s
+                       ORDER BY created_at LIMIT %(batch)s)""",
+                {"cutoff": cutoff, "batch": batch})
+            n = cur.rowcount
+            # Commit per batch: row locks are held only for one batch at a time.
+            conn.commit()
+            total += n
+            if n < batch:
+                return total
