@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg2
 import requests
 
 from demo.processes import PG_BIN, PgCluster, free_port, stop_process, wait_http  # noqa: F401
@@ -162,6 +163,17 @@ class Service:
         r = requests.get(self.url + "/metrics", timeout=10)
         assert r.status_code == 200, r.text
         return r.text
+
+
+def rows(url: str, sql: str, params=None) -> list[tuple]:
+    """Run one query on a fresh connection; all its rows."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
 
 
 def webhook(instance: str, text: str, *, message_id: str | None = None,

@@ -20,13 +20,12 @@ import uuid
 from pathlib import Path
 
 import psutil
-import psycopg2
 import pytest
 import requests
 
 from tests.loki_receiver import LokiReceiver
 from tests.support import (PYTHON, ROOT, PgCluster, Service, free_port, metric, migrate,
-                           parse_metrics, wait_http, webhook)
+                           parse_metrics, rows, wait_http, webhook)
 
 pytestmark = pytest.mark.fault
 
@@ -38,17 +37,6 @@ FLOW_RATE = 20.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def rows(url: str, sql: str, params=None) -> list[tuple]:
-    """Run one query on a fresh connection."""
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def traces_by_id(url: str, ids) -> dict[str, dict]:

@@ -4,24 +4,13 @@ from __future__ import annotations
 import concurrent.futures
 import uuid
 
-import psycopg2
 import requests
 
-from tests.support import PgCluster, metric, migrate, parse_metrics, webhook
-
-
-def _rows(url: str, sql: str, params=None) -> list[tuple]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
+from tests.support import PgCluster, metric, migrate, parse_metrics, rows, webhook
 
 
 def _trace_count(service, instance: str = "bot") -> int:
-    return _rows(service.database_url, "SELECT count(*) FROM message_trace WHERE instance_name = %s",
+    return rows(service.database_url, "SELECT count(*) FROM message_trace WHERE instance_name = %s",
                  (instance,))[0][0]
 
 
@@ -36,12 +25,12 @@ def test_accepted_writes_trace_before_answering(service):
     body = r.json()
     assert set(body) == {"status", "trace_id", "instance"} and body["status"] == "accepted"
     # The row must already be committed when the 202 arrives.
-    rows = _rows(service.database_url,
+    found = rows(service.database_url,
                  "SELECT status, user_id, message_content FROM message_trace WHERE trace_id = %s",
                  (body["trace_id"],))
-    assert rows and rows[0][0] in ("processing", "completed")
-    assert rows[0][1] == "whatsapp:+5515551234567"
-    assert rows[0][2] == f"accepted {token}"
+    assert found and found[0][0] in ("processing", "completed")
+    assert found[0][1] == "whatsapp:+5515551234567"
+    assert found[0][2] == f"accepted {token}"
     trace = service.wait_final(body["trace_id"])
     assert trace["status"] == "completed"
     assert trace["response_content"] == f"Echo: accepted {token}"
@@ -84,7 +73,7 @@ def test_duplicate_storm_one_trace_one_reply(service):
     trace_ids = {a.json()["trace_id"] for a in answers}
     assert len(trace_ids) == 1
     service.wait_final(trace_ids.pop())
-    assert _rows(service.database_url, "SELECT count(*) FROM message_trace WHERE message_id = %s",
+    assert rows(service.database_url, "SELECT count(*) FROM message_trace WHERE message_id = %s",
                  (mid,))[0][0] == 1
     assert sum(1 for s in service.sandbox.sent() if s["text"] == f"Echo: storm {token}") == 1
 

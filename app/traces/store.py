@@ -186,7 +186,7 @@ class TraceStore:
                           exclusive: bool = True) -> int | None:
         """Delete traces created before cutoff in bounded batches, each a short transaction.
 
-        Whole expired UTC hours go first in purge mode (sql/007: the rollups drop those hours
+        Whole expired UTC hours go first in purge mode (sql/006: the rollups drop those hours
         at once instead of subtracting row by row), then the rows of the last partial hour
         through the ordinary triggers. With exclusive, one connection holds a session
         advisory lock for the whole purge and None is returned when another process holds
