@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS trace_hist_hour (
     ms_sum        numeric     NOT NULL,
     PRIMARY KEY (instance_name, hour, kind, bucket)
 );
+-- Retention drops and folds whole hours (trace_rollup_forget_before): by hour, not a scan.
+CREATE INDEX IF NOT EXISTS trace_hist_hour_hour ON trace_hist_hour (hour);
 CREATE TABLE IF NOT EXISTS trace_hist_day (
     instance_name text        NOT NULL,
     day           timestamptz NOT NULL,
@@ -46,6 +48,8 @@ CREATE TABLE IF NOT EXISTS trace_hist_day (
     PRIMARY KEY (instance_name, day, kind, bucket)
 );
 
+CREATE INDEX IF NOT EXISTS trace_hist_day_day ON trace_hist_day (day);
+
 -- Messages per UTC day, instance and user (top users).
 CREATE TABLE IF NOT EXISTS trace_user_day (
     instance_name text        NOT NULL,
@@ -54,6 +58,7 @@ CREATE TABLE IF NOT EXISTS trace_user_day (
     n             bigint      NOT NULL,
     PRIMARY KEY (instance_name, day, user_id)
 );
+CREATE INDEX IF NOT EXISTS trace_user_day_day ON trace_user_day (day);
 
 -- The upserts, each with %1$s standing for a query of signed rows
 -- (sign, instance_name, user_id, status, duration_ms, created_at, steps), final rows only.
@@ -136,27 +141,35 @@ $fn$;
 
 -- Retention without per-row rollup bookkeeping (issue 5: one expired day in under 1 s).
 --
--- A purge deletes every trace of whole expired hours. Subtracting each deleted row from the
--- rollups (expanding its steps jsonb) cost ~90 us a row; instead, while the session sets
--- omni.rollup_purge = 'on', the delete trigger only maintains trace_user_day (which has no
--- hourly form to subtract from), and trace_rollup_forget_before() then drops the hourly
--- rollup rows of those hours and subtracts them from the daily histograms: exact, because
--- the hourly rows are exactly what was deleted.
+-- A purge deletes every trace of whole expired UTC hours. Subtracting each deleted row from
+-- the rollups (expanding its steps jsonb) cost ~90 us a row; instead the purge sets
+-- omni.rollup_purge to the start of the UTC day that holds its cutoff, the delete trigger
+-- then only subtracts that day's rows from trace_user_day (which has no hourly form), and
+-- trace_rollup_forget_before() drops what lies wholly before the cutoff and subtracts the
+-- hourly histograms of that last, partial day from the daily ones: exact, because the
+-- hourly rows are exactly what was deleted.
 
 CREATE OR REPLACE FUNCTION trace_rollup_trigger() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
     cols constant text := 'instance_name, user_id, status, duration_ms, created_at, steps';
     final constant text := $$status IN ('completed', 'failed', 'error')$$;
-    purge constant boolean := TG_OP = 'DELETE'
-                              AND coalesce(current_setting('omni.rollup_purge', true), '') = 'on';
+    purge_day constant timestamptz := CASE WHEN TG_OP = 'DELETE'
+        THEN nullif(current_setting('omni.rollup_purge', true), '')::timestamptz END;
     src text;
     stmt text;
     stmts text[];
     cleanups text[];
     changed bigint;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF purge_day IS NOT NULL THEN
+        -- Purge: only the per-user counts of the cutoff's own day; the rest is done once
+        -- by trace_rollup_forget_before().
+        src := format('SELECT -1 AS sign, %s FROM old_rows WHERE %s AND created_at >= %L',
+                      cols, final, purge_day);
+        EXECUTE format('SELECT count(*) FROM old_rows WHERE %s AND created_at >= %L',
+                       final, purge_day) INTO changed;
+    ELSIF TG_OP = 'INSERT' THEN
         src := format('SELECT 1 AS sign, %s FROM new_rows WHERE %s', cols, final);
         EXECUTE format('SELECT count(*) FROM new_rows WHERE %s', final) INTO changed;
     ELSIF TG_OP = 'DELETE' THEN
@@ -173,10 +186,10 @@ BEGIN
     END IF;
     stmts := trace_rollup_statements();
     cleanups := trace_rollup_cleanup_statements();
-    IF purge THEN
-        -- Only the per-user table; trace_rollup_forget_before() handles the others.
+    IF purge_day IS NOT NULL THEN
+        -- Zero rows are removed once by trace_rollup_forget_before().
         stmts := stmts[4:4];
-        cleanups := cleanups[4:4];
+        cleanups := '{}';
     END IF;
     FOREACH stmt IN ARRAY stmts LOOP
         EXECUTE format(stmt, src);
@@ -193,17 +206,24 @@ $fn$;
 -- After every trace before `cutoff` (an exact UTC hour) was deleted in purge mode.
 CREATE OR REPLACE FUNCTION trace_rollup_forget_before(cutoff timestamptz) RETURNS void
 LANGUAGE plpgsql AS $fn$
+DECLARE
+    last_day constant timestamptz := date_trunc('day', cutoff, 'UTC');
 BEGIN
     IF cutoff <> date_trunc('hour', cutoff, 'UTC') THEN
         RAISE EXCEPTION 'cutoff % is not a whole UTC hour', cutoff;
     END IF;
+    -- Days wholly before the cutoff: every row is gone, so are their rollups.
+    DELETE FROM trace_hist_day WHERE day < last_day;
+    DELETE FROM trace_user_day WHERE day < last_day;
+    -- The cutoff's own day: subtract the hours that were deleted.
     UPDATE trace_hist_day t SET n = t.n - h.n, ms_sum = t.ms_sum - h.ms_sum
-    FROM (SELECT instance_name, date_trunc('day', hour, 'UTC') AS day, kind, bucket,
-                 sum(n) AS n, sum(ms_sum) AS ms_sum
-          FROM trace_hist_hour WHERE hour < cutoff GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4) h
-    WHERE t.instance_name = h.instance_name AND t.day = h.day AND t.kind = h.kind
+    FROM (SELECT instance_name, kind, bucket, sum(n) AS n, sum(ms_sum) AS ms_sum
+          FROM trace_hist_hour WHERE hour >= last_day AND hour < cutoff
+          GROUP BY 1, 2, 3 ORDER BY 1, 2, 3) h
+    WHERE t.instance_name = h.instance_name AND t.day = last_day AND t.kind = h.kind
       AND t.bucket = h.bucket;
-    DELETE FROM trace_hist_day WHERE day < cutoff AND n = 0;
+    DELETE FROM trace_hist_day WHERE day = last_day AND n = 0;
+    DELETE FROM trace_user_day WHERE day = last_day AND n = 0;
     DELETE FROM trace_hist_hour WHERE hour < cutoff;
     DELETE FROM trace_rollup_hour WHERE hour < cutoff;
 END

@@ -202,10 +202,11 @@ class TraceStore:
                 if not got:
                     return None
             try:
-                total += self._delete_batches(conn, cur, whole_hours, batch, purge_mode=True)
+                total += self._delete_batches(conn, cur, whole_hours, batch,
+                                              purge_day=whole_hours.replace(hour=0))
                 cur.execute("SELECT trace_rollup_forget_before(%(cutoff)s)", {"cutoff": whole_hours})
                 conn.commit()
-                total += self._delete_batches(conn, cur, cutoff, batch, purge_mode=False)
+                total += self._delete_batches(conn, cur, cutoff, batch)
                 return total
             finally:
                 if exclusive and not conn.closed:
@@ -213,11 +214,14 @@ class TraceStore:
                     cur.execute("SELECT pg_advisory_unlock(%(id)s)", {"id": PURGE_LOCK_ID})
 
     @staticmethod
-    def _delete_batches(conn: Any, cur: Any, cutoff: dt.datetime, batch: int, *, purge_mode: bool) -> int:
+    def _delete_batches(conn: Any, cur: Any, cutoff: dt.datetime, batch: int, *,
+                        purge_day: dt.datetime | None = None) -> int:
         total = 0
         while True:
-            if purge_mode:
-                cur.execute("SET LOCAL omni.rollup_purge = 'on'")
+            if purge_day is not None:
+                # set_config(..., true) is SET LOCAL with a parameter (sql/006, purge mode).
+                cur.execute("SELECT set_config('omni.rollup_purge', %(day)s, true)",
+                            {"day": purge_day.isoformat()})
             cur.execute(
                 """DELETE FROM message_trace WHERE trace_id IN (
                        SELECT trace_id FROM message_trace WHERE created_at < %(cutoff)s
