@@ -66,6 +66,24 @@ CREATE INDEX IF NOT EXISTS trace_user_day_day ON trace_user_day (day);
 -- order (no deadlocks).
 CREATE OR REPLACE FUNCTION trace_rollup_statements() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $fn$
+-- One template for the hourly and the daily histogram (%2$s is hour or day; %1$s stays the
+-- source placeholder for the trigger).
+WITH template(hist) AS (SELECT $q$WITH d AS (%1$s),
+   e AS (SELECT sign, instance_name, created_at, 'total'::text AS kind, duration_ms::numeric AS ms
+         FROM d WHERE duration_ms IS NOT NULL
+         UNION ALL
+         SELECT sign, instance_name, created_at, x->>'step', (x->>'duration_ms')::numeric
+         FROM d, jsonb_array_elements(CASE jsonb_typeof(d.steps) WHEN 'array' THEN d.steps
+                                           ELSE '[]'::jsonb END) AS x
+         WHERE x->>'duration_ms' IS NOT NULL AND x->>'step' IS NOT NULL),
+   b AS (SELECT sign, instance_name, date_trunc('%2$s', created_at, 'UTC') AS u, kind, ms,
+                floor(ln(1 + greatest(ms, 0)::float8) / ln(1.01))::int AS bucket FROM e)
+   INSERT INTO trace_hist_%2$s AS t (instance_name, %2$s, kind, bucket, n, ms_sum)
+   SELECT coalesce(instance_name, '*'), u, kind, bucket, sum(sign), sum(sign * ms)
+   FROM b GROUP BY GROUPING SETS ((instance_name, u, kind, bucket), (u, kind, bucket))
+   ORDER BY 1, 2, 3, 4
+   ON CONFLICT (instance_name, %2$s, kind, bucket) DO UPDATE
+   SET n = t.n + excluded.n, ms_sum = t.ms_sum + excluded.ms_sum$q$)
 SELECT ARRAY[
 $q$INSERT INTO trace_rollup_hour AS t (instance_name, hour, status, messages, duration_n, duration_sum, slow_n)
    SELECT instance_name, date_trunc('hour', created_at, 'UTC') AS h, status, sum(sign),
@@ -76,45 +94,15 @@ $q$INSERT INTO trace_rollup_hour AS t (instance_name, hour, status, messages, du
    ON CONFLICT (instance_name, hour, status) DO UPDATE
    SET messages = t.messages + excluded.messages, duration_n = t.duration_n + excluded.duration_n,
        duration_sum = t.duration_sum + excluded.duration_sum, slow_n = t.slow_n + excluded.slow_n$q$,
-$q$WITH d AS (%1$s),
-   e AS (SELECT sign, instance_name, created_at, 'total'::text AS kind, duration_ms::numeric AS ms
-         FROM d WHERE duration_ms IS NOT NULL
-         UNION ALL
-         SELECT sign, instance_name, created_at, x->>'step', (x->>'duration_ms')::numeric
-         FROM d, jsonb_array_elements(CASE jsonb_typeof(d.steps) WHEN 'array' THEN d.steps
-                                           ELSE '[]'::jsonb END) AS x
-         WHERE x->>'duration_ms' IS NOT NULL AND x->>'step' IS NOT NULL),
-   b AS (SELECT sign, instance_name, date_trunc('hour', created_at, 'UTC') AS h, kind, ms,
-                floor(ln(1 + greatest(ms, 0)::float8) / ln(1.01))::int AS bucket FROM e)
-   INSERT INTO trace_hist_hour AS t (instance_name, hour, kind, bucket, n, ms_sum)
-   SELECT coalesce(instance_name, '*'), h, kind, bucket, sum(sign), sum(sign * ms)
-   FROM b GROUP BY GROUPING SETS ((instance_name, h, kind, bucket), (h, kind, bucket))
-   ORDER BY 1, 2, 3, 4
-   ON CONFLICT (instance_name, hour, kind, bucket) DO UPDATE
-   SET n = t.n + excluded.n, ms_sum = t.ms_sum + excluded.ms_sum$q$,
-$q$WITH d AS (%1$s),
-   e AS (SELECT sign, instance_name, created_at, 'total'::text AS kind, duration_ms::numeric AS ms
-         FROM d WHERE duration_ms IS NOT NULL
-         UNION ALL
-         SELECT sign, instance_name, created_at, x->>'step', (x->>'duration_ms')::numeric
-         FROM d, jsonb_array_elements(CASE jsonb_typeof(d.steps) WHEN 'array' THEN d.steps
-                                           ELSE '[]'::jsonb END) AS x
-         WHERE x->>'duration_ms' IS NOT NULL AND x->>'step' IS NOT NULL),
-   b AS (SELECT sign, instance_name, date_trunc('day', created_at, 'UTC') AS dd, kind, ms,
-                floor(ln(1 + greatest(ms, 0)::float8) / ln(1.01))::int AS bucket FROM e)
-   INSERT INTO trace_hist_day AS t (instance_name, day, kind, bucket, n, ms_sum)
-   SELECT coalesce(instance_name, '*'), dd, kind, bucket, sum(sign), sum(sign * ms)
-   FROM b GROUP BY GROUPING SETS ((instance_name, dd, kind, bucket), (dd, kind, bucket))
-   ORDER BY 1, 2, 3, 4
-   ON CONFLICT (instance_name, day, kind, bucket) DO UPDATE
-   SET n = t.n + excluded.n, ms_sum = t.ms_sum + excluded.ms_sum$q$,
+format(hist, '%1$s', 'hour'),
+format(hist, '%1$s', 'day'),
 $q$INSERT INTO trace_user_day AS t (instance_name, day, user_id, n)
    SELECT coalesce(instance_name, '*'), dd, user_id, sum(sign)
    FROM (SELECT sign, instance_name, user_id, date_trunc('day', created_at, 'UTC') AS dd FROM (%1$s) d) d
    GROUP BY GROUPING SETS ((instance_name, dd, user_id), (dd, user_id))
    ORDER BY 1, 2, 3
    ON CONFLICT (instance_name, day, user_id) DO UPDATE SET n = t.n + excluded.n$q$
-]
+] FROM template
 $fn$;
 
 -- After subtracting (UPDATE, DELETE): drop rollup rows that reached zero, for the keys touched.

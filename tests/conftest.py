@@ -183,3 +183,23 @@ def prometheus(service, traffic):
 def prometheus_url(prometheus):
     """Base URL of the Prometheus that scraped the service under traffic."""
     return prometheus.url
+
+
+@pytest.fixture()
+def stoppable(sandbox):
+    """A service (2 workers, short drain) on its own PostgreSQL cluster that the test may stop.
+
+    Yields (cluster, service); the session cluster is never touched.
+    """
+    cluster = PgCluster()
+    svc = None
+    try:
+        url = cluster.create_database()
+        migrate(url)
+        svc = Service(url, {"AUTOMAGIK_OMNI_SHUTDOWN_GRACE_S": "2"}).start()
+        svc.sandbox = sandbox
+        yield cluster, svc
+    finally:
+        if svc is not None:
+            svc.stop()
+        cluster.destroy()

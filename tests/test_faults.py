@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from tests.loki_receiver import LokiReceiver
-from tests.support import (PYTHON, ROOT, PgCluster, Service, free_port, metric, migrate,
+from tests.support import (PYTHON, ROOT, Service, free_port, metric, migrate,
                            parse_metrics, rows, wait_http, webhook)
 
 pytestmark = pytest.mark.fault
@@ -200,85 +200,76 @@ class Flow:
             time.sleep(0.5)
 
 
-def test_postgres_outage_under_steady_flow_loses_nothing(sandbox, capsys):
+def test_postgres_outage_under_steady_flow_loses_nothing(stoppable, capsys):
     """PostgreSQL stopped for OUTAGE_S in a 20 msg/s flow: 503 + Retry-After while it is down,
     never a 2xx for an unrecorded message, /health degraded then ok, no restart, and every
     accepted message reaches a final status (completed once sent again by the sender)."""
-    cluster = PgCluster()
-    svc = None
-    try:
-        url = cluster.create_database()
-        migrate(url)
-        svc = Service(url, {"AUTOMAGIK_OMNI_SHUTDOWN_GRACE_S": "2"}).start()
-        svc.ensure_instance("steady", sandbox.url)
-        master, workers = svc.proc.pid, wait_workers(svc)
-        token = uuid.uuid4().hex
-        flow = Flow(svc, "steady", token).start()
-        time.sleep(3)
-        t_down = time.monotonic() - flow.t0
-        cluster.stop("fast")
-        time.sleep(OUTAGE_S)
-        cluster.start()
-        t_up = time.monotonic() - flow.t0
-        time.sleep(6)
-        flow.stop()
+    cluster, svc = stoppable
+    svc.ensure_instance("steady", svc.sandbox.url)
+    master, workers = svc.proc.pid, wait_workers(svc)
+    token = uuid.uuid4().hex
+    flow = Flow(svc, "steady", token).start()
+    time.sleep(3)
+    t_down = time.monotonic() - flow.t0
+    cluster.stop("fast")
+    time.sleep(OUTAGE_S)
+    cluster.start()
+    t_up = time.monotonic() - flow.t0
+    time.sleep(6)
+    flow.stop()
 
-        # The sender delivers again what was refused (as Evolution does on 5xx).
-        flow.pool_retry = concurrent.futures.ThreadPoolExecutor(max_workers=16)
-        flow.retry_refused()
-        flow.pool_retry.shutdown(wait=True)
+    # The sender delivers again what was refused (as Evolution does on 5xx).
+    flow.pool_retry = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+    flow.retry_refused()
+    flow.pool_retry.shutdown(wait=True)
 
-        answers = [a for tries in flow.results.values() for a in tries]
-        refused = [a for a in answers if a[1] == 503]
-        assert refused, "the outage produced no 503"
-        for _, status, body, headers in refused:
-            assert int(headers["Retry-After"]) > 0, headers
-            assert "error" in body
-        # Only 202 (accepted), 200 (duplicate of an accepted one) or 503 (not recorded).
-        assert {a[1] for a in answers} <= {200, 202, 503}, {a[1] for a in answers}
-        during = [a for a in answers if t_down + 0.5 < a[0] < t_up - 0.5]
-        assert during and all(a[1] == 503 for a in during), \
-            f"a 2xx while PostgreSQL was down: {[a for a in during if a[1] != 503][:3]}"
+    answers = [a for tries in flow.results.values() for a in tries]
+    refused = [a for a in answers if a[1] == 503]
+    assert refused, "the outage produced no 503"
+    for _, status, body, headers in refused:
+        assert int(headers["Retry-After"]) > 0, headers
+        assert "error" in body
+    # Only 202 (accepted), 200 (duplicate of an accepted one) or 503 (not recorded).
+    assert {a[1] for a in answers} <= {200, 202, 503}, {a[1] for a in answers}
+    during = [a for a in answers if t_down + 0.5 < a[0] < t_up - 0.5]
+    assert during and all(a[1] == 503 for a in during), \
+        f"a 2xx while PostgreSQL was down: {[a for a in during if a[1] != 503][:3]}"
 
-        accepted: dict[str, str] = {}
-        for mid, tries in flow.results.items():
-            ok = [b["trace_id"] for _, s, b, _ in tries if s in (200, 202)]
-            assert ok, f"message {mid} never accepted"
-            assert len(set(ok)) == 1, f"message {mid} got two trace ids: {ok}"
-            accepted[mid] = ok[0]
-        found = wait_all_final(url, accepted.values(), timeout=30)
-        missing = [t for t in accepted.values() if t not in found]
-        not_final = [t for t in accepted.values() if t in found and found[t]["status"] not in FINAL]
-        completed = sum(1 for t in accepted.values() if found.get(t, {}).get("status") == "completed")
-        assert not missing, f"2xx answered but no trace row: {missing[:5]}"
-        assert not not_final, f"still processing: {not_final[:5]}"
-        # Exactly one trace per message id, and each reply sent once.
-        assert rows(url, "SELECT count(*) FROM message_trace WHERE message_id LIKE %s",
-                    (f"FLOW{token[:8].upper()}%",))[0][0] == len(accepted)
-        sends = sent_counts(sandbox.url, token)
-        assert all(n == 1 for n in sends.values()), [k for k, n in sends.items() if n > 1][:3]
-        assert completed == len(accepted) == len(sends)
+    accepted: dict[str, str] = {}
+    for mid, tries in flow.results.items():
+        ok = [b["trace_id"] for _, s, b, _ in tries if s in (200, 202)]
+        assert ok, f"message {mid} never accepted"
+        assert len(set(ok)) == 1, f"message {mid} got two trace ids: {ok}"
+        accepted[mid] = ok[0]
+    found = wait_all_final(svc.database_url, accepted.values(), timeout=30)
+    missing = [t for t in accepted.values() if t not in found]
+    not_final = [t for t in accepted.values() if t in found and found[t]["status"] not in FINAL]
+    completed = sum(1 for t in accepted.values() if found.get(t, {}).get("status") == "completed")
+    assert not missing, f"2xx answered but no trace row: {missing[:5]}"
+    assert not not_final, f"still processing: {not_final[:5]}"
+    # Exactly one trace per message id, and each reply sent once.
+    assert rows(svc.database_url, "SELECT count(*) FROM message_trace WHERE message_id LIKE %s",
+                (f"FLOW{token[:8].upper()}%",))[0][0] == len(accepted)
+    sends = sent_counts(svc.sandbox.url, token)
+    assert all(n == 1 for n in sends.values()), [k for k, n in sends.items() if n > 1][:3]
+    assert completed == len(accepted) == len(sends)
 
-        health = sorted(flow.health)
-        in_outage = [h for h in health if t_down + 1 < h[0] < t_up - 0.5]
-        assert in_outage and all(h[1] == 503 and h[2] == "degraded" for h in in_outage), in_outage[:3]
-        assert health[-1][1] == 200 and health[-1][2] == "ok"
-        assert any(h[1] == 200 for h in health if h[0] < t_down)
-        # Recovered without a restart: the same master and workers.
-        assert svc.proc.poll() is None and svc.proc.pid == master
-        assert sorted(svc.worker_pids()) == workers
+    health = sorted(flow.health)
+    in_outage = [h for h in health if t_down + 1 < h[0] < t_up - 0.5]
+    assert in_outage and all(h[1] == 503 and h[2] == "degraded" for h in in_outage), in_outage[:3]
+    assert health[-1][1] == 200 and health[-1][2] == "ok"
+    assert any(h[1] == 200 for h in health if h[0] < t_down)
+    # Recovered without a restart: the same master and workers.
+    assert svc.proc.poll() is None and svc.proc.pid == master
+    assert sorted(svc.worker_pids()) == workers
 
-        first_try_refused = sum(1 for tries in flow.results.values() if tries[0][1] != 202)
-        with capsys.disabled():
-            print(f"\n[postgres outage {OUTAGE_S:g} s at {FLOW_RATE:g} msg/s] messages sent: "
-                  f"{len(flow.results)}, accepted at first try: {len(flow.results) - first_try_refused}, "
-                  f"refused with 503 and delivered again: {first_try_refused}, accepted in total: "
-                  f"{len(accepted)}, answered (completed, reply sent once): {completed}, lost: "
-                  f"{len(missing) + len(not_final)}; 503 answers: {len(refused)}")
-    finally:
-        if svc is not None:
-            svc.stop()
-        cluster.destroy()
+    first_try_refused = sum(1 for tries in flow.results.values() if tries[0][1] != 202)
+    with capsys.disabled():
+        print(f"\n[postgres outage {OUTAGE_S:g} s at {FLOW_RATE:g} msg/s] messages sent: "
+              f"{len(flow.results)}, accepted at first try: {len(flow.results) - first_try_refused}, "
+              f"refused with 503 and delivered again: {first_try_refused}, accepted in total: "
+              f"{len(accepted)}, answered (completed, reply sent once): {completed}, lost: "
+              f"{len(missing) + len(not_final)}; 503 answers: {len(refused)}")
 
 
 # --------------------------------------------------------------------------- killed processes

@@ -6,7 +6,7 @@ import uuid
 
 import requests
 
-from tests.support import PgCluster, metric, migrate, parse_metrics, rows, webhook
+from tests.support import metric, parse_metrics, rows, webhook
 
 
 def _trace_count(service, instance: str = "bot") -> int:
@@ -168,38 +168,27 @@ def test_overloaded_503_with_retry_after(make_service):
     assert svc.send("busy", "room again").status_code == 202
 
 
-def test_database_down_503_then_recovers(sandbox):
+def test_database_down_503_then_recovers(stoppable):
     """PostgreSQL stopped: 503 + Retry-After and /health degraded; back: accepted again."""
-    from tests.support import Service
-
-    cluster = PgCluster()
-    svc = None
-    try:
-        url = cluster.create_database()
-        migrate(url)
-        svc = Service(url, {"AUTOMAGIK_OMNI_SHUTDOWN_GRACE_S": "2"}).start()
-        svc.ensure_instance("fragile", sandbox.url)
-        assert svc.send("fragile", "before").status_code == 202
-        cluster.stop()
-        # Instances are cached for a few seconds; a new name forces a database lookup too.
-        for name in ("fragile", "never-seen"):
-            r = svc.send(name, "during outage")
-            assert r.status_code == 503, r.text
-            assert int(r.headers["Retry-After"]) > 0
-        health = requests.get(svc.url + "/health", timeout=10)
-        assert health.status_code == 503
-        assert health.json()["status"] == "degraded"
-        assert health.json()["checks"]["database"].startswith("error")
-        cluster.start()
-        svc_ok = None
-        for _ in range(100):
-            svc_ok = svc.send("fragile", "after")
-            if svc_ok.status_code == 202:
-                break
-        assert svc_ok.status_code == 202
-        assert svc.wait_final(svc_ok.json()["trace_id"])["status"] == "completed"
-        assert requests.get(svc.url + "/health", timeout=10).json()["status"] == "ok"
-    finally:
-        if svc is not None:
-            svc.stop()
-        cluster.destroy()
+    cluster, svc = stoppable
+    svc.ensure_instance("fragile", svc.sandbox.url)
+    assert svc.send("fragile", "before").status_code == 202
+    cluster.stop()
+    # Instances are cached for a few seconds; a new name forces a database lookup too.
+    for name in ("fragile", "never-seen"):
+        r = svc.send(name, "during outage")
+        assert r.status_code == 503, r.text
+        assert int(r.headers["Retry-After"]) > 0
+    health = requests.get(svc.url + "/health", timeout=10)
+    assert health.status_code == 503
+    assert health.json()["status"] == "degraded"
+    assert health.json()["checks"]["database"].startswith("error")
+    cluster.start()
+    svc_ok = None
+    for _ in range(100):
+        svc_ok = svc.send("fragile", "after")
+        if svc_ok.status_code == 202:
+            break
+    assert svc_ok.status_code == 202
+    assert svc.wait_final(svc_ok.json()["trace_id"])["status"] == "completed"
+    assert requests.get(svc.url + "/health", timeout=10).json()["status"] == "ok"
