@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
+import uuid
 
 import psycopg2
 import psycopg2.extras
@@ -14,10 +15,12 @@ import pytest
 
 from app.db import Database
 from app.traces import analytics
-from app.traces.store import FinishedTrace, TraceStore
+from app.traces.store import FinishedTrace, NewTrace, TraceStore
 from tests.support import migrate
 from tests.test_traces_api import (
+    INSTANCES,
     STEPS,
+    USERS,
     check_analytics,
     expected_analytics,
     insert_rows,
@@ -164,6 +167,98 @@ def test_rollups_follow_every_kind_of_write(db_url):
     assert_rollups_exact(db_url)
     assert query(db_url, "SELECT count(*) FROM trace_rollup_hour")[0][0] == 0
     db.close()
+
+
+def finished(rng: random.Random, trace_id) -> FinishedTrace:
+    """A final state as the pipeline writes it: any final status, slow or not, 0-4 steps."""
+    status = rng.choice(["completed", "completed", "failed", "error"])
+    steps = [{"step": s, "status": "success", "duration_ms": rng.choice([0, rng.randint(1, 30), rng.randint(50, 15000)]),
+              "timestamp": None} for s in STEPS[:rng.randint(0, 4)]]
+    return FinishedTrace(trace_id, status, rng.choice([0, 9999, 10000, 10001, rng.randint(1, 30000)]),
+                         "ok" if status == "completed" else None, steps,
+                         None if status == "completed" else "agent_called", None)
+
+
+def test_writer_batches_stay_exact_on_the_add_only_path(db_url):
+    """sql/007: the writer's INSERT of processing rows and its multi-row finish UPDATE
+    (old rows all processing) only add new_rows, with plans cached for the session: exact
+    over many batches of different sizes on one connection, across hours, instances and
+    users, with finishes of rows already final (skipped by the UPDATE) mixed in."""
+    rng = random.Random(21)
+    now = dt.datetime.now(UTC)
+    conn = psycopg2.connect(db_url)
+    pending, done, k = [], [], 0
+    for size in (1, 16, 3, 64, 7, 16, 2, 31, 16, 5):
+        new = [NewTrace(uuid.uuid4(), INSTANCES[inst], inst, f"w-{k + j}", rng.choice(USERS), "hi",
+                        now - dt.timedelta(hours=rng.choice([0, 0, 1, 5, 30]), minutes=rng.uniform(0, 59)),
+                        [{"step": "webhook_received", "status": "success", "duration_ms": 1, "timestamp": None}],
+                        "h:1")
+               for j, inst in enumerate(rng.choice(sorted(INSTANCES)) for _ in range(size))]
+        k += size
+        with conn, conn.cursor() as cur:
+            TraceStore.insert_new(cur, new)
+            if pending:
+                batch = [finished(rng, t) for t in pending + rng.sample(done, min(3, len(done)))]
+                TraceStore.finish(cur, batch)
+        done += pending
+        pending = [r.trace_id for r in new]
+    conn.close()
+    counts = dict(query(db_url, "SELECT status = 'processing', count(*) FROM message_trace GROUP BY 1"))
+    assert counts == {True: len(pending), False: len(done)}
+    assert query(db_url, "SELECT sum(messages) FROM trace_rollup_hour")[0][0] == len(done)
+    assert_rollups_exact(db_url)
+
+
+def test_mixed_updates_stay_exact(db_url):
+    """sql/007: an UPDATE whose old rows are partly final (something to subtract) and partly
+    processing must take the full path, not the add-only one; an UPDATE of processing rows
+    only, some staying processing, the add-only path."""
+    now = dt.datetime.now(UTC).replace(minute=30)
+    rows = dense_rows(300, now, seed=5, days=1.5)
+    insert_rows(db_url, rows)
+    by_status = {s: [r["trace_id"] for r in rows if r["status"] == s]
+                 for s in ("completed", "failed", "error", "processing")}
+    assert len(by_status["processing"]) >= 20
+    mixed = by_status["processing"][:6] + by_status["completed"][:6] + by_status["error"][:3]
+    # final -> final with new values, processing -> final, final -> processing,
+    # processing -> processing, in one statement, moving some rows to another hour and user.
+    query(db_url, """UPDATE message_trace SET
+                         status = CASE WHEN status = 'error' THEN 'processing'
+                                       WHEN status = 'processing' AND right(message_id, 1) < '8' THEN 'failed'
+                                       WHEN status = 'processing' THEN 'processing'
+                                       ELSE 'error' END,
+                         duration_ms = coalesce(duration_ms, 0) + 10001,
+                         steps = steps || '[{"step": "evolution_send", "duration_ms": 77}]'::jsonb,
+                         created_at = created_at - interval '1 hour', user_id = 'whatsapp:+9'
+                     WHERE trace_id = ANY(%(ids)s)""", {"ids": mixed})
+    assert_rollups_exact(db_url)
+    # Another mix: final -> final and processing -> final.
+    query(db_url, """UPDATE message_trace SET status = 'completed', duration_ms = 42
+                     WHERE trace_id = ANY(%(ids)s)""",
+          {"ids": by_status["failed"][:5] + by_status["processing"][6:12]})
+    assert_rollups_exact(db_url)
+    # Processing rows only: some stay processing (owner change), some become final.
+    query(db_url, """UPDATE message_trace SET owner = 'h:2',
+                         status = CASE WHEN right(message_id, 1) < '8' THEN 'completed' ELSE status END,
+                         duration_ms = CASE WHEN right(message_id, 1) < '8' THEN 5 END
+                     WHERE trace_id = ANY(%(ids)s) AND status = 'processing'""",
+          {"ids": by_status["processing"][12:]})
+    assert_rollups_exact(db_url)
+    assert query(db_url, "SELECT count(*) FROM message_trace WHERE owner = 'h:2'")[0][0] > 0
+
+
+def test_trigger_function_is_compiled_from_the_templates(db_url):
+    """sql/007 pastes trace_rollup_statements() into the trigger function: a migration that
+    changes the templates must call trace_rollup_compile() again."""
+    src = query(db_url, "SELECT prosrc FROM pg_proc WHERE proname = 'trace_rollup_trigger'")[0][0]
+    stmts = query(db_url, """SELECT format(s, $$SELECT 1 AS sign, instance_name, user_id, status, duration_ms, created_at, steps
+               FROM new_rows WHERE status IN ('completed', 'failed', 'error')$$)
+                             FROM unnest(trace_rollup_statements()) AS s""")
+    assert len(stmts) == 4
+    for (stmt,) in stmts:
+        assert stmt in src
+    query(db_url, "SELECT trace_rollup_compile()")
+    assert query(db_url, "SELECT prosrc FROM pg_proc WHERE proname = 'trace_rollup_trigger'")[0][0] == src
 
 
 def test_migration_backfills_existing_rows(pg):
