@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import uuid
 
 import pytest
 
 from app.db import Database, DatabaseUnavailable
-from app.traces.store import NewTrace, TraceStore
-from app.traces.writer import TraceWriter
+from app.traces.store import FinishedTrace, NewTrace, TraceStore
+from app.traces.writer import FINISH_LINGER_S, TraceWriter
 
 
 def _row(message_id: str | None = None) -> NewTrace:
@@ -66,3 +67,43 @@ def test_an_unexpected_error_fails_the_batch_not_the_thread(writer, monkeypatch)
     with pytest.raises(DatabaseUnavailable):
         writer.insert(_row()).result(timeout=10)
     assert writer.insert(_row()).result(timeout=10)[1] is True
+
+
+def _finished(trace_id: uuid.UUID) -> FinishedTrace:
+    return FinishedTrace(trace_id=trace_id, status="completed", duration_ms=5, response_content="ok",
+                         steps=[], failed_step=None, error_message=None)
+
+
+def _status(db: Database, trace_id: uuid.UUID) -> str:
+    return db.fetchone("SELECT status FROM message_trace WHERE trace_id = %(id)s", {"id": trace_id})["status"]
+
+
+def test_final_states_ride_with_new_rows_or_go_after_the_linger(writer):
+    first, _ = writer.insert(_row()).result(timeout=10)
+    batches = writer.batches
+    writer.finish(_finished(first))
+    # Alone, a final state waits for company, then goes on its own within the linger.
+    time.sleep(FINISH_LINGER_S / 5)
+    assert writer.batches == batches and writer.pending == 1
+    deadline = time.monotonic() + 5
+    while writer.pending and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert writer.pending == 0 and writer.batches == batches + 1
+    assert _status(writer.db, first) == "completed"
+    # With a new row arriving, it shares that row's transaction.
+    second, _ = writer.insert(_row()).result(timeout=10)
+    writer.finish(_finished(second))
+    batches = writer.batches
+    third, _ = writer.insert(_row()).result(timeout=10)
+    assert writer.batches == batches + 1 and writer.pending == 0
+    assert _status(writer.db, second) == "completed" and _status(writer.db, third) == "processing"
+
+
+def test_flush_does_not_wait_for_the_linger(writer, monkeypatch):
+    monkeypatch.setattr("app.traces.writer.FINISH_LINGER_S", 30.0)
+    trace_id, _ = writer.insert(_row()).result(timeout=10)
+    writer.finish(_finished(trace_id))
+    t0 = time.monotonic()
+    assert writer.flush(timeout=5)
+    assert time.monotonic() - t0 < 5
+    assert _status(writer.db, trace_id) == "completed"
