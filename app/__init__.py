@@ -75,14 +75,19 @@ class Runtime:
             log.info("purged expired traces", extra={"event": "traces_purged", "count": n})
 
 
+def _count_dropped_logs(settings: Settings):
+    def on_drop(n: int) -> None:
+        if settings.enable_metrics:
+            metrics.LOG_RECORDS_DROPPED.inc(n)
+    return on_drop
+
+
 def _make_loki(settings: Settings):
     if not settings.loki_url:
         return None
     from app.telemetry.loki import LokiHandler
 
-    def on_drop(n: int) -> None:
-        if settings.enable_metrics:
-            metrics.LOG_RECORDS_DROPPED.inc(n)
+    on_drop = _count_dropped_logs(settings)
 
     def on_error(reason: str) -> None:
         if settings.enable_metrics:
@@ -96,7 +101,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app and start this worker's background threads."""
     settings = settings or Settings.from_env()
     loki = _make_loki(settings)
-    logs.setup(settings.log_level, loki)
+    logs.setup(settings.log_level, loki, on_drop=_count_dropped_logs(settings))
     logs.REDACTOR.add(settings.api_key, settings.metrics_token)
 
     app = Flask(__name__)

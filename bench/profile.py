@@ -14,7 +14,7 @@ from tests.support import PYTHON
 # generic modules (json, re, uuid, threading, ...) are skipped so their time goes to
 # whoever called them (json.dumps in a log formatter counts as logging).
 CATEGORIES = (
-    ("json logging + Loki push", ("pythonjsonlogger", "/logging/", "app/telemetry/logs.py",
+    ("json logging + Loki push", ("/logging/", "app/telemetry/logs.py",
                                   "app/telemetry/loki.py", "gzip.py", "http/client.py")),
     ("prometheus", ("prometheus_client", "app/telemetry/metrics.py", "mmap_dict")),
     ("psycopg2 / trace writer", ("psycopg2", "app/traces/", "app/db.py")),

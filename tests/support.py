@@ -114,6 +114,8 @@ class Service:
 
     def log_lines(self) -> list[dict]:
         """Every JSON line the service printed (non-JSON lines are returned as {'raw': line})."""
+        # Workers write stdout in batches every StdoutHandler.FLUSH_INTERVAL_S (0.1 s).
+        time.sleep(0.25)
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:

@@ -11,8 +11,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from pythonjsonlogger.json import JsonFormatter
 
+from app.telemetry.logs import OmniJsonFormatter
 from app.telemetry.loki import LokiHandler
 
 try:
@@ -57,7 +57,7 @@ def make_logger(rx):
         counters = Counters()
         opts = {**FAST, "on_drop": counters.on_drop, "on_error": counters.on_error, **kwargs}
         handler = LokiHandler(rx.url, LABELS, **opts)
-        handler.setFormatter(JsonFormatter("%(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(OmniJsonFormatter())
         logger = logging.getLogger(f"test.loki.{len(made)}.{id(handler)}")
         logger.propagate = False
         logger.setLevel(logging.DEBUG)
@@ -112,7 +112,7 @@ def test_every_record_arrives_once_with_labels_and_trace_metadata(rx, make_logge
     assert sorted(line["message"] for line in rx.lines()) == sorted(f"msg {i}" for i in range(60))
     for labels, ts, line, meta in rx.entries:
         parsed = json.loads(line)
-        assert labels == {"service": "omni", "env": "test", "level": parsed["levelname"].lower()}
+        assert labels == {"service": "omni", "env": "test", "level": parsed["level"].lower()}
         i = int(parsed["message"].split()[1])
         assert meta == ({"trace_id": f"trace-{i}"} if i % 2 == 0 else {})
         assert "trace_id" not in labels

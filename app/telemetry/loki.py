@@ -102,6 +102,9 @@ class LokiHandler(logging.Handler):
         on_error: Optional[Callable[[str], None]] = None,
     ):
         super().__init__()
+        # emit() is thread-safe on its own (a short mutex around the buffer); logging's
+        # handler lock around it only made concurrent loggers queue (see logs.StdoutHandler).
+        self.lock = None
         self._target = self._parse_url(url)
         self.labels = self._check_labels(labels)
         self.batch_size = max(1, int(batch_size))
