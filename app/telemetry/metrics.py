@@ -79,7 +79,7 @@ WORKER_MEMORY = Gauge("omni_worker_resident_memory_bytes", "Resident memory of a
 WORKER_CPU = Gauge("omni_worker_cpu_seconds", "CPU seconds used by a worker since it started.",
                    multiprocess_mode="liveall")
 WORKER_CONNECTIONS = Gauge("omni_worker_open_connections",
-                           "Open TCP connections of a worker (clients, database, upstreams).",
+                           "Open sockets of a worker (clients, database, upstreams, Loki).",
                            multiprocess_mode="liveall")
 WORKER_THREADS = Gauge("omni_worker_threads", "Threads of a worker.", multiprocess_mode="liveall")
 BUILD_INFO = Gauge("omni_build_info", "Version of the running service.", ["version"],
@@ -135,9 +135,23 @@ def sample_worker_resources() -> None:
         WORKER_CPU.set(times.user + times.system)
         WORKER_THREADS.set(proc.num_threads())
     try:
-        WORKER_CONNECTIONS.set(len(proc.net_connections(kind="tcp")))
-    except (psutil.Error, OSError):
+        WORKER_CONNECTIONS.set(_count_sockets())
+    except OSError:
         pass
+
+
+def _count_sockets() -> int:
+    # Our own socket descriptors, not psutil.net_connections(): that parses the whole
+    # host's /proc/net/tcp* on every call, ~150 ms with a few thousand connections open
+    # (2.5% of a busy worker's CPU at one call per 5 s, bench/).
+    n = 0
+    for entry in os.scandir("/proc/self/fd"):
+        try:
+            if os.readlink(entry.path).startswith("socket:"):
+                n += 1
+        except OSError:  # closed meanwhile
+            pass
+    return n
 
 
 @contextlib.contextmanager
