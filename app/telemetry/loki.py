@@ -61,6 +61,13 @@ class _PushError(Exception):
         self.retry_after = retry_after
 
 
+_json_str = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _entry_ts(entry: "_Entry") -> int:
+    return entry.ts
+
+
 def _parse_retry_after(value: Optional[str]) -> Optional[float]:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), or None."""
     if not value:
@@ -340,13 +347,16 @@ class LokiHandler(logging.Handler):
             by_level.setdefault(entry.level, []).append(entry)
         streams = []
         for level, entries in by_level.items():
-            entries.sort(key=lambda e: e.ts)
-            streams.append({"stream": {**self.labels, "level": level},
-                            "values": self._values(level, entries)})
-        raw = json.dumps({"streams": streams}, separators=(",", ":"), ensure_ascii=False)
-        return gzip.compress(raw.encode("utf-8"), compresslevel=5)
+            entries.sort(key=_entry_ts)
+            streams.append('{"stream":%s,"values":[%s]}' % (
+                _json_str({**self.labels, "level": level}), ",".join(self._values(level, entries))))
+        # Assembled as text around each line's JSON string instead of json.dumps of nested
+        # lists and dicts, and gzip level 1 (the lines are repetitive: 2.3 % of raw size at
+        # level 1, 2.2 % at 5): ~4.5 -> ~1.5 us a line in the shipper thread (bench/).
+        raw = '{"streams":[%s]}' % ",".join(streams)
+        return gzip.compress(raw.encode("utf-8"), compresslevel=1)
 
-    def _values(self, level: str, entries: list[_Entry]) -> list[list]:
+    def _values(self, level: str, entries: list[_Entry]) -> list[str]:
         # Loki rejects out-of-order entries per stream, and may deduplicate equal
         # timestamps: keep this process's timestamps strictly increasing per stream.
         last = self._last_ts.get(level, 0)
@@ -354,10 +364,11 @@ class LokiHandler(logging.Handler):
         for entry in entries:
             ts = entry.ts if entry.ts > last else last + 1
             last = ts
-            value = [str(ts), entry.line]
             if entry.trace_id:
-                value.append({"trace_id": entry.trace_id})
-            values.append(value)
+                values.append('["%d",%s,{"trace_id":%s}]' % (ts, _json_str(entry.line),
+                                                            _json_str(entry.trace_id)))
+            else:
+                values.append('["%d",%s]' % (ts, _json_str(entry.line)))
         self._last_ts[level] = last
         return values
 
