@@ -162,8 +162,8 @@ def _install_http_metrics(app: Flask) -> None:
         if t0 is not None:
             route = request.url_rule.rule if request.url_rule is not None else "unmatched"
             method = request.method if request.method in _METHODS else "other"
-            metrics.HTTP_DURATION.labels(method=method, route=route,
-                                         status=str(response.status_code)).observe(time.perf_counter() - t0)
+            metrics.child(metrics.HTTP_DURATION, method, route,
+                          str(response.status_code)).observe(time.perf_counter() - t0)
         return response
 
 

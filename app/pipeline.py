@@ -195,7 +195,7 @@ class Pipeline:
     def _emit_step(self, msg: Message, entry: dict, seconds: float | None) -> None:
         step, status = entry["step"], entry["status"]
         if seconds is not None and self.metrics_on:
-            metrics.STEP_DURATION.labels(instance=msg.instance.name, step=step, status=status).observe(seconds)
+            metrics.child(metrics.STEP_DURATION, msg.instance.name, step, status).observe(seconds)
         if self.settings.enable_detailed_logging and status != "skipped":
             log.log(logging.WARNING if status == "failed" else logging.INFO,
                     "step %s %s", step, status,
@@ -218,7 +218,7 @@ class Pipeline:
             if reply.first_chunk_s is not None:
                 extra["first_chunk_ms"] = int(round(reply.first_chunk_s * 1000))
                 if self.metrics_on:
-                    metrics.AGENT_FIRST_CHUNK.labels(instance=msg.instance.name).observe(reply.first_chunk_s)
+                    metrics.child(metrics.AGENT_FIRST_CHUNK, msg.instance.name).observe(reply.first_chunk_s)
             self.record_step(msg, "agent_called", "success", time.perf_counter() - t0, **extra)
             reply_text = reply.text
 
@@ -270,8 +270,8 @@ class Pipeline:
                     steps=msg.steps, failed_step=failed_step, error_message=error))
             name = msg.instance.name
             if self.metrics_on:
-                metrics.MESSAGES.labels(instance=name, status=status).inc()
-                metrics.MESSAGE_DURATION.labels(instance=name, status=status).observe(seconds)
+                metrics.child(metrics.MESSAGES, name, status).inc()
+                metrics.child(metrics.MESSAGE_DURATION, name, status).observe(seconds)
             self._log_final(msg, status, failed_step, error, duration_ms, reply_text)
         finally:
             self.release()

@@ -141,3 +141,12 @@ def test_open_connections_gauge_counts_this_processes_sockets():
         for s in (a, b, listener):
             s.close()
     assert _count_sockets() == before
+
+
+def test_cached_children_are_the_labelled_series():
+    from app.telemetry import metrics
+
+    a = metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "success")
+    assert a is metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "success")
+    assert a is metrics.STEP_DURATION.labels(instance="cache-test", step="agent_called", status="success")
+    assert a is not metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "failed")
