@@ -105,12 +105,22 @@ class Database:
             conn.close()
 
     @contextlib.contextmanager
-    def cursor(self, *, dict_rows: bool = True) -> Iterator[Any]:
-        """A cursor in its own transaction (dict rows by default)."""
+    def cursor(self, *, dict_rows: bool = True, autocommit: bool = False) -> Iterator[Any]:
+        """A cursor in its own transaction (dict rows by default).
+
+        With autocommit every statement is its own transaction: no BEGIN and COMMIT round
+        trips, for callers whose work is one statement (the trace writer's batches).
+        """
         factory = psycopg2.extras.RealDictCursor if dict_rows else None
         with self.connection() as conn:
-            with conn.cursor(cursor_factory=factory) as cur:
-                yield cur
+            if autocommit:
+                conn.autocommit = True
+            try:
+                with conn.cursor(cursor_factory=factory) as cur:
+                    yield cur
+            finally:
+                if autocommit and not conn.closed:
+                    conn.autocommit = False
 
     def fetchall(self, sql: str, params: Any = None) -> list[dict]:
         """Rows of a query as dicts."""

@@ -195,11 +195,10 @@ def test_writer_batches_stay_exact_on_the_add_only_path(db_url):
                         "h:1")
                for j, inst in enumerate(rng.choice(sorted(INSTANCES)) for _ in range(size))]
         k += size
-        with conn, conn.cursor() as cur:
-            TraceStore.insert_new(cur, new)
-            if pending:
-                batch = [finished(rng, t) for t in pending + rng.sample(done, min(3, len(done)))]
-                TraceStore.finish(cur, batch)
+        batch = [finished(rng, t) for t in pending + rng.sample(done, min(3, len(done)))] if pending else []
+        conn.autocommit = True  # as the writer: one statement (data-modifying CTEs) per batch
+        with conn.cursor() as cur:
+            TraceStore.write_batch(cur, new, batch)
         done += pending
         pending = [r.trace_id for r in new]
     conn.close()

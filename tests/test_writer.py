@@ -10,7 +10,7 @@ import pytest
 
 from app.db import Database, DatabaseUnavailable
 from app.traces.store import FinishedTrace, NewTrace, TraceStore
-from app.traces.writer import FINISH_LINGER_S, TraceWriter
+from app.traces.writer import TraceWriter
 
 
 def _row(message_id: str | None = None) -> NewTrace:
@@ -55,15 +55,15 @@ def test_duplicates_in_one_batch_map_to_the_first(writer):
 
 def test_an_unexpected_error_fails_the_batch_not_the_thread(writer, monkeypatch):
     calls = {"n": 0}
-    original = writer.store.insert_new
+    original = writer.store.write_batch
 
-    def broken_once(cur, rows):
+    def broken_once(cur, rows, finished):
         calls["n"] += 1
         if calls["n"] == 1:
             raise ValueError("unexpected")
-        return original(cur, rows)
+        return original(cur, rows, finished)
 
-    monkeypatch.setattr(writer.store, "insert_new", broken_once)
+    monkeypatch.setattr(writer.store, "write_batch", broken_once)
     with pytest.raises(DatabaseUnavailable):
         writer.insert(_row()).result(timeout=10)
     assert writer.insert(_row()).result(timeout=10)[1] is True
@@ -78,25 +78,24 @@ def _status(db: Database, trace_id: uuid.UUID) -> str:
     return db.fetchone("SELECT status FROM message_trace WHERE trace_id = %(id)s", {"id": trace_id})["status"]
 
 
-def test_final_states_ride_with_new_rows_or_go_after_the_linger(writer):
+def test_final_states_are_written_together_after_the_linger(writer, monkeypatch):
+    monkeypatch.setattr("app.traces.writer.FINISH_LINGER_S", 1.0)  # room for a slow machine
     first, _ = writer.insert(_row()).result(timeout=10)
+    second, _ = writer.insert(_row()).result(timeout=10)
     batches = writer.batches
     writer.finish(_finished(first))
-    # Alone, a final state waits for company, then goes on its own within the linger.
-    time.sleep(FINISH_LINGER_S / 5)
-    assert writer.batches == batches and writer.pending == 1
+    writer.finish(_finished(second))
+    # New rows do not wait for them, nor carry them before their time...
+    third, _ = writer.insert(_row()).result(timeout=10)
+    assert writer.batches == batches + 1 and writer.pending == 2
+    assert _status(writer.db, first) == "processing"
+    # ...and once the linger is over both go in one more batch.
     deadline = time.monotonic() + 5
     while writer.pending and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert writer.pending == 0 and writer.batches == batches + 1
-    assert _status(writer.db, first) == "completed"
-    # With a new row arriving, it shares that row's transaction.
-    second, _ = writer.insert(_row()).result(timeout=10)
-    writer.finish(_finished(second))
-    batches = writer.batches
-    third, _ = writer.insert(_row()).result(timeout=10)
-    assert writer.batches == batches + 1 and writer.pending == 0
-    assert _status(writer.db, second) == "completed" and _status(writer.db, third) == "processing"
+    assert writer.pending == 0 and writer.batches == batches + 2
+    assert _status(writer.db, first) == _status(writer.db, second) == "completed"
+    assert _status(writer.db, third) == "processing"
 
 
 def test_flush_does_not_wait_for_the_linger(writer, monkeypatch):
@@ -107,3 +106,39 @@ def test_flush_does_not_wait_for_the_linger(writer, monkeypatch):
     assert writer.flush(timeout=5)
     assert time.monotonic() - t0 < 5
     assert _status(writer.db, trace_id) == "completed"
+
+
+def test_new_rows_and_final_states_go_in_one_statement(fresh_db):
+    """One round trip per batch: the INSERT and the final UPDATE share one statement, so
+    no BEGIN or COMMIT of their own, and both land or neither does."""
+    db = Database(fresh_db, size=1)
+    store = TraceStore(db)
+    first = _row()
+    with db.cursor(dict_rows=False, autocommit=True) as cur:
+        store.write_batch(cur, [first], [])
+        statements = []
+
+        class Spy:
+            def __getattr__(self, name):
+                return getattr(cur, name)
+
+            def execute(self, sql, *args):
+                statements.append(sql)
+                return cur.execute(sql, *args)
+
+        second = _row()
+        result = store.write_batch(Spy(), [second, _row(first.message_id)], [_finished(first.trace_id)])
+    assert len(statements) == 2  # the batch, then the lookup of the duplicate's original id
+    assert statements[0].startswith(b"WITH fin AS (UPDATE")
+    assert result[(1, second.message_id)] == (second.trace_id, True)
+    assert result[(1, first.message_id)] == (first.trace_id, False)
+    assert _status(db, first.trace_id) == "completed" and _status(db, second.trace_id) == "processing"
+    # A failing statement leaves nothing behind: the final state of `second` is not written
+    # when the new row in the same statement is invalid.
+    bad = _row()
+    bad.instance_name = None  # NOT NULL violation
+    with pytest.raises(Exception):
+        with db.cursor(dict_rows=False, autocommit=True) as cur:
+            store.write_batch(cur, [bad], [_finished(second.trace_id)])
+    assert _status(db, second.trace_id) == "processing"
+    db.close()

@@ -87,19 +87,49 @@ class TraceStore:
     # --- writes (called by the writer thread with its own cursor) -------------------------
 
     @staticmethod
-    def insert_new(cur: Any, rows: list[NewTrace]) -> dict[tuple[int, str], tuple[uuid.UUID, bool]]:
-        """Insert rows; map (instance_id, message_id) to (trace_id, inserted?) incl. duplicates."""
-        values = [(r.trace_id, r.instance_id, r.instance_name, r.message_id, r.user_id,
-                   r.message_content, "processing", r.created_at, r.created_at, jsonb(r.steps), r.owner)
-                  for r in rows]
-        inserted = execute_values(
-            cur,
-            """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id, user_id,
-                   message_content, status, created_at, updated_at, steps, owner)
-               VALUES %s ON CONFLICT (instance_id, message_id) DO NOTHING
-               RETURNING instance_id, message_id, trace_id""",
-            values, fetch=True)
-        result = {(row[0], row[1]): (row[2], True) for row in inserted}
+    def write_batch(cur: Any, rows: list[NewTrace], finished: list[FinishedTrace]
+                    ) -> dict[tuple[int, str], tuple[uuid.UUID, bool]]:
+        """Insert new rows and write final states in one statement (one round trip, one
+        transaction on an autocommit cursor); map each new row's (instance_id, message_id) to
+        (trace_id, inserted?), duplicates included.
+
+        Final states only ever concern rows committed by earlier batches (a message is
+        processed after its 202), so the UPDATE and the INSERT never meet on a row.
+        Final rows already finalised (e.g. by a sweep) are left alone.
+        """
+        parts = []
+        if finished:
+            values = b",".join(cur.mogrify(
+                "(%s::uuid, %s, %s::int, %s, %s::jsonb, %s, %s, %s::timestamptz)",
+                (r.trace_id, r.status, r.duration_ms, r.response_content, jsonb(r.steps),
+                 r.failed_step, r.error_message, r.updated_at)) for r in finished)
+            parts.append(b"""UPDATE message_trace t SET status = v.status, duration_ms = v.duration_ms,
+                   response_content = v.response_content, steps = v.steps,
+                   failed_step = v.failed_step, error_message = v.error_message,
+                   updated_at = v.updated_at
+               FROM (VALUES """ + values + b""") AS v(trace_id, status, duration_ms, response_content,
+                                     steps, failed_step, error_message, updated_at)
+               WHERE t.trace_id = v.trace_id AND t.status = 'processing'""")
+        if rows:
+            values = b",".join(cur.mogrify(
+                "(%s, %s, %s, %s, %s, %s, 'processing', %s, %s, %s, %s)",
+                (r.trace_id, r.instance_id, r.instance_name, r.message_id, r.user_id,
+                 r.message_content, r.created_at, r.created_at, jsonb(r.steps), r.owner)) for r in rows)
+            parts.append(b"""INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id,
+                   user_id, message_content, status, created_at, updated_at, steps, owner)
+               VALUES """ + values + b""" ON CONFLICT (instance_id, message_id) DO NOTHING
+               RETURNING instance_id, message_id, trace_id""")
+        if not parts:
+            return {}
+        if len(parts) == 2:
+            # Data-modifying CTEs: both in one statement, so in one transaction.
+            cur.execute(b"WITH fin AS (" + parts[0] + b" RETURNING 1), ins AS (" + parts[1]
+                        + b") SELECT instance_id, message_id, trace_id FROM ins")
+        else:
+            cur.execute(parts[0])
+        if not rows:
+            return {}
+        result = {(row[0], row[1]): (row[2], True) for row in cur.fetchall()}
         missing = {(r.instance_id, r.message_id) for r in rows} - result.keys()
         if missing:
             existing = execute_values(
@@ -112,20 +142,14 @@ class TraceStore:
         return result
 
     @staticmethod
+    def insert_new(cur: Any, rows: list[NewTrace]) -> dict[tuple[int, str], tuple[uuid.UUID, bool]]:
+        """Insert rows; map (instance_id, message_id) to (trace_id, inserted?) incl. duplicates."""
+        return TraceStore.write_batch(cur, rows, [])
+
+    @staticmethod
     def finish(cur: Any, rows: list[FinishedTrace]) -> None:
         """Write final states; rows already finalised (e.g. by a sweep) are left alone."""
-        values = [(r.trace_id, r.status, r.duration_ms, r.response_content, jsonb(r.steps),
-                   r.failed_step, r.error_message, r.updated_at) for r in rows]
-        execute_values(
-            cur,
-            """UPDATE message_trace t SET status = v.status, duration_ms = v.duration_ms,
-                   response_content = v.response_content, steps = v.steps,
-                   failed_step = v.failed_step, error_message = v.error_message,
-                   updated_at = v.updated_at
-               FROM (VALUES %s) AS v(trace_id, status, duration_ms, response_content, steps,
-                                     failed_step, error_message, updated_at)
-               WHERE t.trace_id = v.trace_id AND t.status = 'processing'""",
-            values, template="(%s::uuid, %s, %s::int, %s, %s::jsonb, %s, %s, %s::timestamptz)")
+        TraceStore.write_batch(cur, [], rows)
 
     # --- recovery ------------------------------------------------------------------------
 
