@@ -21,8 +21,12 @@ def body_template(instance: str) -> str:
 
 
 def wrk(base_url: str, instance: str, tag: str, duration_s: float, connections: int = 32,
-        threads: int = 1) -> dict:
-    """Closed-loop POSTs of unique webhooks for duration_s; wrk's summary as a dict."""
+        threads: int = 1, delay_ms: int | None = None) -> dict:
+    """Closed-loop POSTs of unique webhooks for duration_s; wrk's summary as a dict.
+
+    With delay_ms each connection pauses that long before each request: about
+    connections * 1000 / (delay_ms + latency) requests a second, a steady load below saturation.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         fh.write(body_template(instance))
         template = fh.name
@@ -30,7 +34,7 @@ def wrk(base_url: str, instance: str, tag: str, duration_s: float, connections: 
         out = subprocess.run(
             ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration_s:g}s",
              "--timeout", "10s", "-s", str(LUA), base_url, "--", template, tag,
-             f"/webhook/evolution/{instance}"],
+             f"/webhook/evolution/{instance}"] + ([str(delay_ms)] if delay_ms is not None else []),
             capture_output=True, text=True, check=True, timeout=duration_s + 60)
     finally:
         Path(template).unlink(missing_ok=True)

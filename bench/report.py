@@ -29,6 +29,9 @@ def targets(r: dict) -> list[dict]:
     ratio = _get(r, "throughput", "on_off_ratio")
     add("telemetry cost: throughput on/off (median of A/B pairs)", ratio, ">= 0.90",
         ratio is not None and ratio >= 0.90)
+    steady = _get(r, "layers", "on", "cpu_ratio_off_to_this")
+    add("  same, from stack CPU per message at a steady rate below saturation (off/on)", steady, "report",
+        None)
     lat = r.get("latency", {})
     add(f"webhook ack p99 at {lat.get('rate', 100)} msg/s, agent median 4 s (ms)", lat.get("ack_p99_ms"),
         "< 25 ms", lat.get("ack_p99_ms") is not None and lat["ack_p99_ms"] < 25)
@@ -91,6 +94,19 @@ def markdown(r: dict) -> str:
             lines.append(f"| {label} | {_fmt(x['msgs_per_s'])} | {_fmt(x['wrk_rps'])} | "
                          f"{_fmt(x['ack_p99_ms'])} | {cpu} |")
         lines.append(f"\non/off ratios of each A/B pair: {tp['on_off_ratios']}")
+    layers = r.get("layers")
+    if layers:
+        lines += ["", "## Telemetry cost by layer (each alone on top of all off; steady load, A B A B, medians)",
+                  "", "CPU per message of the service's workers, PostgreSQL and the Loki receiver together; "
+                  "\"off / this\" is the throughput ratio the layer gives when that stack alone uses the CPU.",
+                  "", "| setup | msg/s offered and done | 503s | CPU µs/msg | added µs/msg | off / this | "
+                  "workers / postgres / loki receiver |", "|---|---|---|---|---|---|---|"]
+        for name, x in layers.items():
+            label = {"off": "all off", "on": "all on"}.get(name, f"+ {name}")
+            g = x["cpu_by_group"]
+            lines.append(f"| {label} | {_fmt(x['msgs_per_s'])} | {x['non2xx']} | {_fmt(x['cpu_us_per_msg'])} | "
+                         f"{_fmt(x['added_cpu_us_per_msg'])} | {_fmt(x['cpu_ratio_off_to_this'])} | "
+                         f"{g['workers']} / {g['postgres']} / {g['loki receiver']} |")
     prof = r.get("profile")
     if prof:
         lines += ["", "## Where a worker's CPU goes (py-spy, all telemetry on)", ""]

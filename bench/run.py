@@ -27,10 +27,12 @@ from tests.support import parse_metrics, metric
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FULL = dict(tp_repeats=5, tp_seconds=8, warmup_seconds=2, profile_seconds=8,
+FULL = dict(tp_repeats=5, tp_seconds=8, warmup_seconds=2, profile_seconds=8, layer_repeats=2, layer_seconds=6,
+            layer_delay_ms=100,
             lat_seconds=300, lat_rate=100, mem_sample_s=5,
             traces=1_000_000, first_samples=100, walks=5, pages=20, analytics_repeats=3)
-QUICK = dict(tp_repeats=1, tp_seconds=3, warmup_seconds=1, profile_seconds=3,
+QUICK = dict(tp_repeats=1, tp_seconds=3, warmup_seconds=1, profile_seconds=3, layer_repeats=1, layer_seconds=2,
+             layer_delay_ms=100,
              lat_seconds=20, lat_rate=100, mem_sample_s=2,
              traces=50_000, first_samples=20, walks=2, pages=10, analytics_repeats=2)
 
@@ -70,29 +72,44 @@ def _wait_stable(read, settle: float = 0.5, timeout: float = 60.0) -> tuple[int,
 # --------------------------------------------------------------------------- throughput
 
 class Setups:
-    """The three setups compared side by side: bare reference, omni all-on, omni all-off."""
+    """The setups compared side by side: bare reference, omni all-on, omni all-off, and omni
+    with a single telemetry layer on (the cost-by-layer table)."""
 
     def __init__(self, pg: stack.Pg, box, loki: stack.Loki) -> None:
         self.pg, self.box, self.loki = pg, box, loki
-        self.db_on, self.db_off = pg.new_db(), pg.new_db()
-        self.on = stack.omni(self.db_on, {"AUTOMAGIK_OMNI_LOKI_URL": loki.url})
-        self.off = stack.omni(self.db_off, stack.TELEMETRY_OFF)
         self.bare = stack.Bare()
-        for svc in (self.on, self.off):
+        self.services: dict[str, object] = {}
+        self.dbs: dict[str, str | None] = {}
+        self.instance_id: dict[str, int] = {}
+        envs = {"on": {"AUTOMAGIK_OMNI_LOKI_URL": loki.url}, "off": stack.TELEMETRY_OFF}
+        for name, env in stack.LAYERS.items():
+            env = {**stack.TELEMETRY_OFF, **env}
+            if env.pop("loki", None):
+                env["AUTOMAGIK_OMNI_LOKI_URL"] = loki.url
+            envs[name] = env
+        for name, env in envs.items():
+            db = pg.new_db()
+            svc = stack.omni(db, env)
             svc.ensure_instance("bench", box.url, agent_timeout_s=30)
-        self.instance_id = {}
-        for name, svc in (("on", self.on), ("off", self.off)):
+            self.services[name] = svc
+            # Messages are counted from final traces where tracing is on, else at the sandbox.
+            self.dbs[name] = None if env.get("AUTOMAGIK_OMNI_ENABLE_TRACING") == "false" else db
             self.instance_id[name] = svc.api("GET", "/api/v1/instances/bench").json()["id"]
+        self.on, self.off = self.services["on"], self.services["off"]
 
     def stop(self) -> None:
-        for svc in (self.on, self.off):
+        for svc in self.services.values():
             svc.stop()
         self.bare.stop()
 
 
-def run_setup(s: Setups, name: str, tag: str, seconds: float) -> dict:
-    """One closed-loop run; for omni, throughput is messages from webhook to final status."""
-    svc = {"bare": s.bare, "on": s.on, "off": s.off}[name]
+def run_setup(s: Setups, name: str, tag: str, seconds: float, delay_ms: int | None = None) -> dict:
+    """One closed-loop run; for omni, throughput is messages from webhook to final status.
+
+    Without delay_ms wrk floods (saturation); with it the load is steady and below saturation.
+    """
+    svc = s.bare if name == "bare" else s.services[name]
+    db = None if name == "bare" else s.dbs[name]
     groups = {"workers": lambda: stack.tree(svc.proc.pid), "postgres": s.pg.processes,
               "sandbox": lambda: stack.tree(s.box.proc.pid),
               "loki receiver": lambda: stack.tree(s.loki.proc.pid)}
@@ -102,7 +119,7 @@ def run_setup(s: Setups, name: str, tag: str, seconds: float) -> dict:
     kids0 = os.times()
     meter.start()
     t0 = time.monotonic()
-    w = load.wrk(svc.url, "bench", tag, seconds)
+    w = load.wrk(svc.url, "bench", tag, seconds, delay_ms=delay_ms)
     t_wrk = time.monotonic()
     out = {"setup": name, "tag": tag, "wrk_rps": round(w["rps"], 1), "acked": w["ok"],
            "non2xx": w["non2xx"], "socket_errors": w["connect_errors"] + w["read_errors"]
@@ -110,14 +127,14 @@ def run_setup(s: Setups, name: str, tag: str, seconds: float) -> dict:
            "ack_p99_ms": w["lat_p99_us"] / 1000}
     if name == "bare":
         done, t_end = w["ok"], t_wrk
-    elif name == "on":
+    elif db is not None:
         like = f"3EB0{tag}%"
-        iid = s.instance_id["on"]
-        _wait_stable(lambda: _db_count(s.db_on, "SELECT count(*) FROM message_trace WHERE status <> "
+        iid = s.instance_id[name]
+        _wait_stable(lambda: _db_count(db, "SELECT count(*) FROM message_trace WHERE status <> "
                                        "'processing' AND instance_id = %s AND message_id LIKE %s",
                                        (iid, like)), settle=0.6)
-        done, t_end = _db_last_final(s.db_on, iid, like, t0, t_wrk)
-        out["processing_left"] = _db_count(s.db_on, "SELECT count(*) FROM message_trace WHERE "
+        done, t_end = _db_last_final(db, iid, like, t0, t_wrk)
+        out["processing_left"] = _db_count(db, "SELECT count(*) FROM message_trace WHERE "
                                            "status = 'processing' AND instance_id = %s AND message_id "
                                            "LIKE %s", (iid, like))
     else:
@@ -180,6 +197,46 @@ def throughput(s: Setups, cfg: dict) -> dict:
             "on_off_ratio": round(statistics.median(ratios), 3), "on_off_ratios": [round(x, 3) for x in ratios],
             "on_vs_bare": round(med["on"]["msgs_per_s"] / med["bare"]["msgs_per_s"], 3)
             if med["bare"]["msgs_per_s"] else None}
+
+
+# CPU that telemetry adds on this box: the service's workers, PostgreSQL and the Loki
+# receiver (the stand-in for Loki, which shares the machine in docker-compose too).
+TELEMETRY_GROUPS = ("workers", "postgres", "loki receiver")
+
+
+def layer_costs(s: Setups, cfg: dict) -> dict:
+    """Each telemetry layer alone on top of "all off", A B A B, at one steady rate.
+
+    Below saturation no setup sheds load: at saturation the setups whose 202 does not wait
+    for a commit answer many webhooks 503 "overloaded", and that wasted work lands on the
+    messages they complete, which hides what each layer costs. Here every webhook is a
+    message, and CPU per message is the cost; its ratio to "all off" is the throughput
+    ratio the layer would give if the stack alone (workers, PostgreSQL, Loki) used the CPU.
+    """
+    names = ["off"] + list(stack.LAYERS) + ["on"]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    delay = cfg["layer_delay_ms"]
+    for r in range(cfg["layer_repeats"]):
+        for n in (names if r % 2 == 0 else list(reversed(names))):
+            res = run_setup(s, n, f"l{r}{n.replace(' ', '')}", cfg["layer_seconds"], delay_ms=delay)
+            log(f"layer run {r + 1}/{cfg['layer_repeats']} {n}: {res['msgs_per_s']} msg/s, "
+                f"non2xx {res['non2xx']}")
+            runs[n].append(res)
+
+    def stack_cpu(x: dict) -> float:
+        return sum(x["cpu_us_per_msg"][g] for g in TELEMETRY_GROUPS)
+
+    base = statistics.median(stack_cpu(x) for x in runs["off"])
+    out = {}
+    for n in names:
+        cpu = statistics.median(stack_cpu(x) for x in runs[n])
+        out[n] = {"msgs_per_s": round(statistics.median(x["msgs_per_s"] for x in runs[n]), 1),
+                  "non2xx": sum(x["non2xx"] for x in runs[n]),
+                  "cpu_us_per_msg": round(cpu), "added_cpu_us_per_msg": round(cpu - base),
+                  "cpu_ratio_off_to_this": round(base / cpu, 3) if cpu else None,
+                  "cpu_by_group": {g: round(statistics.median(x["cpu_us_per_msg"][g] for x in runs[n]))
+                                   for g in TELEMETRY_GROUPS}}
+    return out
 
 
 def cpu_profile(s: Setups, cfg: dict) -> dict:
@@ -333,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             setups = Setups(pg, box, loki)
             results["throughput"] = throughput(setups, cfg)
+            log("telemetry cost by layer")
+            results["layers"] = layer_costs(setups, cfg)
             log("profile")
             results["profile"] = cpu_profile(setups, cfg)
         except Exception:  # keep going: the other figures are independent

@@ -18,6 +18,12 @@ from tests.support import (PYTHON, ROOT, PgCluster, Sandbox, Service, free_port,
 
 TELEMETRY_OFF = {"AUTOMAGIK_OMNI_ENABLE_TRACING": "false", "AUTOMAGIK_OMNI_ENABLE_METRICS": "false",
                  "AUTOMAGIK_OMNI_ENABLE_DETAILED_LOGGING": "false"}
+# Each telemetry layer alone on top of TELEMETRY_OFF, for the cost-by-layer table; the Loki
+# push is measured with the detailed lines it ships (the receiver's URL is added at run time).
+LAYERS = {"tracing": {"AUTOMAGIK_OMNI_ENABLE_TRACING": "true"},
+          "metrics": {"AUTOMAGIK_OMNI_ENABLE_METRICS": "true"},
+          "detailed logs": {"AUTOMAGIK_OMNI_ENABLE_DETAILED_LOGGING": "true"},
+          "detailed logs + loki": {"AUTOMAGIK_OMNI_ENABLE_DETAILED_LOGGING": "true", "loki": "yes"}}
 # SPEC 3 defaults (tests.support.Service uses 8 threads); the bare endpoint gets the same.
 WORKERS, THREADS = 2, 16
 

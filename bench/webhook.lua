@@ -1,5 +1,6 @@
 -- wrk script: POSTs Evolution webhooks, each with a unique data.key.id (else duplicates).
--- args: <body template file> <run tag>; the template (demo.loadgen.build_webhook) holds
+-- args: <body template file> <run tag> <path> [delay ms]; with a delay each connection
+-- waits that long before each request (a steady offered rate instead of a flood); the template (demo.loadgen.build_webhook) holds
 -- __MSGID__ and __DIGITS__ placeholders. done() prints one JSON line for bench/load.py.
 local counter = 0
 local thread_no = 0
@@ -17,6 +18,10 @@ function init(args)
   tag = args[2] or "0"
   path = args[3] or "/webhook/evolution/bench"
   headers = {["Content-Type"] = "application/json"}
+  if args[4] then
+    local ms = tonumber(args[4])
+    delay = function() return ms end  -- wrk looks for delay() after init()
+  end
 end
 
 function request()
