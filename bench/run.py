@@ -7,6 +7,7 @@ load generators; measures the figures of the issue; writes <out>/<timestamp>.jso
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import json
 import os
@@ -31,7 +32,7 @@ FULL = dict(tp_repeats=5, tp_seconds=8, warmup_seconds=2, profile_seconds=8, lay
             layer_delay_ms=100,
             lat_seconds=300, lat_rate=100, mem_sample_s=5,
             traces=1_000_000, first_samples=100, walks=5, pages=20, analytics_repeats=3)
-QUICK = dict(tp_repeats=1, tp_seconds=3, warmup_seconds=1, profile_seconds=3, layer_repeats=1, layer_seconds=2,
+QUICK = dict(tp_repeats=1, tp_seconds=3, warmup_seconds=1, profile_seconds=3, layer_repeats=1, layer_seconds=1,
              layer_delay_ms=100,
              lat_seconds=20, lat_rate=100, mem_sample_s=2,
              traces=50_000, first_samples=20, walks=2, pages=10, analytics_repeats=2)
@@ -87,14 +88,19 @@ class Setups:
             if env.pop("loki", None):
                 env["AUTOMAGIK_OMNI_LOKI_URL"] = loki.url
             envs[name] = env
-        for name, env in envs.items():
+        def start(name: str, env: dict) -> None:
             db = pg.new_db()
             svc = stack.omni(db, env)
-            svc.ensure_instance("bench", box.url, agent_timeout_s=30)
             self.services[name] = svc
+            svc.ensure_instance("bench", box.url, agent_timeout_s=30)
             # Messages are counted from final traces where tracing is on, else at the sandbox.
             self.dbs[name] = None if env.get("AUTOMAGIK_OMNI_ENABLE_TRACING") == "false" else db
             self.instance_id[name] = svc.api("GET", "/api/v1/instances/bench").json()["id"]
+
+        # Started side by side: each start is mostly waiting (migrations, gunicorn boot).
+        with concurrent.futures.ThreadPoolExecutor(len(envs)) as pool:
+            for fut in [pool.submit(start, name, env) for name, env in envs.items()]:
+                fut.result()
         self.on, self.off = self.services["on"], self.services["off"]
 
     def stop(self) -> None:
