@@ -41,6 +41,7 @@ class Settings:
     # Beyond SPEC 3: operational limits an operator may need to tune.
     env: str = "dev"
     max_in_flight: int = 2000
+    overload_wait_s: float = 1.0
     metrics_token: str | None = None
     evolution_timeout_s: float = 15.0
     auth_failures_per_minute: int = 10
@@ -102,6 +103,8 @@ class Settings:
         for name in ("max_in_flight", "auth_failures_per_minute", "db_pool_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
+        if self.overload_wait_s < 0:
+            raise bad("overload_wait_s", "must be 0 (answer 503 at once) or more")
         for name in ("webhook_rate_per_instance", "webhook_rate_per_address", "trusted_proxies"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 (unlimited) or more")

@@ -71,6 +71,7 @@ class Pipeline:
         self.accepting = True
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -124,9 +125,22 @@ class Pipeline:
         """Accepted messages not yet finished in this worker."""
         return self._in_flight
 
-    def try_reserve(self) -> bool:
-        """Claim an in-flight slot; False when the worker is full or shutting down."""
-        with self._lock:
+    def try_reserve(self, wait: float = 0.0) -> bool:
+        """Claim an in-flight slot, waiting up to `wait` s for one when the worker is full;
+        False when none came free or the worker is shutting down.
+
+        The short wait is backpressure: a burst (or a sender that keeps N requests open) is
+        slowed to the rate messages finish instead of being answered 503 over and over, which
+        cost CPU the full worker needed for the messages it already had.
+        """
+        with self._slot_freed:
+            if self._in_flight >= self.settings.max_in_flight and self.accepting and wait > 0:
+                deadline = time.monotonic() + wait
+                while self._in_flight >= self.settings.max_in_flight and self.accepting:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._slot_freed.wait(remaining)
             if not self.accepting or self._in_flight >= self.settings.max_in_flight:
                 return False
             self._in_flight += 1
@@ -136,8 +150,9 @@ class Pipeline:
 
     def release(self) -> None:
         """Give back a slot claimed by try_reserve."""
-        with self._lock:
+        with self._slot_freed:
             self._in_flight -= 1
+            self._slot_freed.notify()
         if self.metrics_on:
             metrics.IN_FLIGHT.dec()
 
@@ -152,7 +167,9 @@ class Pipeline:
 
     def shutdown(self, grace: float) -> int:
         """Stop accepting, let in-flight messages finish within grace, interrupt the rest."""
-        self.accepting = False
+        with self._slot_freed:
+            self.accepting = False
+            self._slot_freed.notify_all()  # webhooks waiting for a slot answer 503 now
         deadline = time.monotonic() + grace
         while self._in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.05)

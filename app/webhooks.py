@@ -166,7 +166,7 @@ def _accept(rt, inst, fields: dict, received_at: dt.datetime, started: float,
     pipeline.record_step(msg, "webhook_received", "success", t_received, emit=False)
     pipeline.record_step(msg, "instance_validated", "success", t_validated, emit=False)
 
-    if not pipeline.try_reserve():
+    if not pipeline.try_reserve(settings.overload_wait_s):
         raise _reject(503, "overloaded", "service overloaded; retry later",
                       headers={"Retry-After": RETRY_AFTER_BUSY}, level=logging.WARNING, instance=inst.name)
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import uuid
 
 import requests
@@ -166,6 +167,21 @@ def test_overloaded_503_with_retry_after(make_service):
     for h in held:
         assert svc.wait_final(h.json()["trace_id"])["status"] == "completed"
     assert svc.send("busy", "room again").status_code == 202
+
+
+def test_full_worker_holds_a_webhook_until_a_slot_frees(make_service):
+    """Backpressure before 503: within AUTOMAGIK_OMNI_OVERLOAD_WAIT_S a freed slot is taken."""
+    svc = make_service({"AUTOMAGIK_OMNI_MAX_IN_FLIGHT": "1", "AUTOMAGIK_OMNI_OVERLOAD_WAIT_S": "10"},
+                       workers=1)
+    svc.ensure_instance("queue", svc.sandbox.url)
+    held = svc.send("queue", "#delay=1500 holding the only slot")
+    assert held.status_code == 202
+    t0 = time.monotonic()
+    waited = svc.send("queue", "waits for it")
+    assert waited.status_code == 202, waited.text
+    assert time.monotonic() - t0 >= 0.5  # it really waited for the first to finish
+    assert svc.wait_final(held.json()["trace_id"])["status"] == "completed"
+    assert svc.wait_final(waited.json()["trace_id"])["status"] == "completed"
 
 
 def test_database_down_503_then_recovers(stoppable):
