@@ -90,7 +90,9 @@ class Setups:
             envs[name] = env
         def start(name: str, env: dict) -> None:
             db = pg.new_db()
-            svc = stack.omni(db, env)
+            # With the 0 ms agent a few hundred messages in flight keep both cores busy; a
+            # larger backlog only makes each run end with seconds of draining.
+            svc = stack.omni(db, {"AUTOMAGIK_OMNI_MAX_IN_FLIGHT": "256", **env})
             self.services[name] = svc
             svc.ensure_instance("bench", box.url, agent_timeout_s=30)
             # Messages are counted from final traces where tracing is on, else at the sandbox.
