@@ -85,7 +85,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['figure']} | {_fmt(row['value'])} | {row['target']} | {met} |")
     tp = r.get("throughput")
     if tp:
-        lines += ["", "## Throughput runs (closed loop, wrk 32 connections; medians)", "",
+        lines += ["", f"## Throughput runs (closed loop, wrk {r.get('config', {}).get('connections', 128)} "
+                  "connections; medians)", "",
                   "| setup | msg/s (to final trace) | wrk req/s | ack p99 ms | CPU µs/msg by process |",
                   "|---|---|---|---|---|"]
         for name, label in (("bare", "bare Flask"), ("on", "omni all on"), ("off", "omni all off")):

@@ -38,6 +38,14 @@ QUICK = dict(tp_repeats=1, tp_seconds=3, warmup_seconds=1, profile_seconds=3, la
              traces=50_000, first_samples=20, walks=2, pages=10, analytics_repeats=2)
 
 
+# Saturation needs more open webhooks than an all-off worker: with tracing on each 202 waits
+# for a durable commit (a few ms), and 32 connections left that setup waiting on latency with
+# a core idle (on/off 0.35-0.55 between runs); 128 keep both cores busy in every setup.
+SATURATION_CONNECTIONS = 128
+# Steady load: 32 connections each pausing layer_delay_ms (100 ms) is ~300 webhooks/s.
+STEADY_CONNECTIONS = 32
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -127,7 +135,8 @@ def run_setup(s: Setups, name: str, tag: str, seconds: float, delay_ms: int | No
     kids0 = os.times()
     meter.start()
     t0 = time.monotonic()
-    w = load.wrk(svc.url, "bench", tag, seconds, delay_ms=delay_ms)
+    w = load.wrk(svc.url, "bench", tag, seconds, delay_ms=delay_ms,
+                 connections=SATURATION_CONNECTIONS if delay_ms is None else STEADY_CONNECTIONS)
     t_wrk = time.monotonic()
     out = {"setup": name, "tag": tag, "wrk_rps": round(w["rps"], 1), "acked": w["ok"],
            "non2xx": w["non2xx"], "socket_errors": w["connect_errors"] + w["read_errors"]
@@ -385,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    results: dict = {"mode": "quick" if args.quick else "full", "started_at": stamp, "config": cfg}
+    results: dict = {"mode": "quick" if args.quick else "full", "started_at": stamp,
+                     "config": {**cfg, "connections": SATURATION_CONNECTIONS}}
     failures = []
     pg = stack.Pg()
     loki = stack.Loki()
