@@ -34,7 +34,7 @@ FULL = dict(tp_repeats=5, tp_seconds=8, warmup_seconds=2, profile_seconds=8, lay
             traces=1_000_000, first_samples=100, walks=5, pages=20, analytics_repeats=3)
 QUICK = dict(tp_repeats=1, tp_seconds=3, warmup_seconds=1, profile_seconds=3, layer_repeats=1, layer_seconds=1,
              layer_delay_ms=100,
-             lat_seconds=20, lat_rate=100, mem_sample_s=2,
+             lat_seconds=10, lat_rate=100, mem_sample_s=1,
              traces=50_000, first_samples=20, walks=2, pages=10, analytics_repeats=2)
 
 

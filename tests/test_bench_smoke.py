@@ -36,6 +36,12 @@ def test_bench_quick_writes_every_figure(tmp_path):
     for setup in ("bare", "on", "off"):
         assert tp[setup]["msgs_per_s"] > 0
     assert result["throughput"]["on_off_ratio"] > 0
+    # The cost-by-layer table: every layer measured at the steady rate.
+    layers = result["layers"]
+    assert set(layers) == {"off", "tracing", "metrics", "detailed logs", "detailed logs + loki", "on"}
+    for name, row in layers.items():
+        assert row["msgs_per_s"] > 0 and row["cpu_us_per_msg"] > 0, name
+    assert layers["tracing"]["cpu_by_group"]["postgres"] > 0  # traces were really written
     assert result["latency"]["memory"]["workers"]
     assert len(result["trace_store"]["list"]["variants"]) >= 9  # each filter alone and combined
     assert all(v["first_p99_ms"] > 0 for v in result["trace_store"]["list"]["variants"])
