@@ -133,15 +133,14 @@ class Pipeline:
         slowed to the rate messages finish instead of being answered 503 over and over, which
         cost CPU the full worker needed for the messages it already had.
         """
+        deadline = time.monotonic() + wait
         with self._slot_freed:
-            if self._in_flight >= self.settings.max_in_flight and self.accepting and wait > 0:
-                deadline = time.monotonic() + wait
-                while self._in_flight >= self.settings.max_in_flight and self.accepting:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._slot_freed.wait(remaining)
-            if not self.accepting or self._in_flight >= self.settings.max_in_flight:
+            while self.accepting and self._in_flight >= self.settings.max_in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._slot_freed.wait(remaining)
+            if not self.accepting:
                 return False
             self._in_flight += 1
         if self.metrics_on:

@@ -13,8 +13,6 @@ import time
 import weakref
 from typing import Any
 
-# Fields SPEC 5 names, in a stable order after the fixed ones.
-CONTEXT_FIELDS = ("trace_id", "instance", "user_id", "step", "status", "duration_ms", "error")
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:token|apikey|api_key|key)=)[^&\s\"]+")
 
 
@@ -142,7 +140,6 @@ class StdoutHandler(logging.Handler):
         self.stream = stream if stream is not None else sys.stdout
         self.on_drop = on_drop
         self._buf: collections.deque[str] = collections.deque()
-        self._write_lock = threading.Lock()  # keeps batches in order between thread and flush()
         self._wake = threading.Event()
         self._closed = False
         self._reset()
@@ -154,6 +151,8 @@ class StdoutHandler(logging.Handler):
         self._pid = os.getpid()
         self._buf.clear()
         self._thread: threading.Thread | None = None
+        # Keeps batches in order between the thread and flush(); new after a fork, where the
+        # parent's lock may have been held by a thread the child does not have.
         self._write_lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
