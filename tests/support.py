@@ -213,7 +213,9 @@ def metric(samples: dict, name: str, **labels) -> float:
 class Prometheus:
     """A real Prometheus (Debian package) scraping the given target with the project's rules."""
 
-    def __init__(self, target: str, scrape_interval: str = "1s") -> None:
+    def __init__(self, target: str, scrape_interval: str = "1s", config: str = "prometheus.native.yml",
+                 token_file: Path | None = None) -> None:
+        """config: which of prometheus/*.yml; token_file stands in for its bearer-token file."""
         import yaml
 
         binary = shutil.which("prometheus")
@@ -223,13 +225,16 @@ class Prometheus:
         self.dir = Path(tempfile.mkdtemp(prefix="omni-prom-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = yaml.safe_load((ROOT / "prometheus" / "prometheus.native.yml").read_text())
+        config = yaml.safe_load((ROOT / "prometheus" / config).read_text())
         config["global"]["scrape_interval"] = scrape_interval
         config["global"]["evaluation_interval"] = scrape_interval
         config["rule_files"] = [str(ROOT / "prometheus" / "rules" / "*.yml")]
         for job in config["scrape_configs"]:
+            job.pop("dns_sd_configs", None)
             job["static_configs"] = [{"targets": [target if job["job_name"] == "omni"
                                                   else f"127.0.0.1:{self.port}"]}]
+            if "authorization" in job:
+                job["authorization"]["credentials_file"] = str(token_file)
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = open(self.dir / "log", "w")
         self.proc = subprocess.Popen(

@@ -229,6 +229,41 @@ def test_metrics_bearer_token(make_service):
     assert requests.get(svc.url + "/health", timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus.scale.yml"])
+def test_compose_prometheus_scrapes_with_the_metrics_token(make_service, tmp_path, config):
+    """The compose scrape configs, run by a real Prometheus against a service with a token:
+    the bearer token read from the secret file gets the scrape in (up == 1, series stored)."""
+    from tests.support import Prometheus
+
+    token = "scrape-" + uuid.uuid4().hex
+    svc = make_service({"AUTOMAGIK_OMNI_METRICS_TOKEN": token}, workers=1)
+    secret = tmp_path / "metrics_token"
+    secret.write_text(token + "\n")  # docker writes the secret as given; a newline is tolerated
+    prom = Prometheus(f"127.0.0.1:{svc.port}", config=config, token_file=secret)
+    try:
+        up = prom.wait_for('up{job="omni"} == 1', timeout=20)
+        assert up and prom.wait_for('omni_auth_failures_total{reason="metrics_token"} == 0', timeout=20)
+    finally:
+        prom.stop()
+
+
+def test_compose_wires_the_metrics_token():
+    """omni gets AUTOMAGIK_OMNI_METRICS_TOKEN from .env and Prometheus gets the same value as the
+    metrics_token secret, which every compose scrape config of omni reads."""
+    from tests.test_stack_config import COMPOSE_FILES, compose_model
+
+    for which in COMPOSE_FILES:
+        model = compose_model(which)
+        assert model["services"]["omni"]["environment"]["AUTOMAGIK_OMNI_METRICS_TOKEN"] == "change-me"
+        assert model["secrets"]["metrics_token"]["environment"] == "AUTOMAGIK_OMNI_METRICS_TOKEN"
+        mounts = {m["source"]: m["target"] for m in model["services"]["prometheus"]["secrets"]}
+        assert mounts == {"metrics_token": "/run/secrets/metrics_token"}
+    for name in ("prometheus.yml", "prometheus.scale.yml"):
+        cfg = yaml.safe_load((ROOT / "prometheus" / name).read_text())
+        omni = next(j for j in cfg["scrape_configs"] if j["job_name"] == "omni")
+        assert omni["authorization"] == {"credentials_file": "/run/secrets/metrics_token"}, name
+
+
 # --------------------------------------------------------------------------- webhook rate limits
 
 

@@ -235,8 +235,12 @@ def test_promtool_check_configs(tmp_path):
     # The compose configs name /etc/prometheus/rules (the container path): check them
     # against a copy whose rule path points at the repository's rules.
     rules = str(ROOT / "prometheus" / "rules" / "*.yml")
+    # promtool also wants the scrape's bearer-token file (a compose secret) to exist.
+    token = tmp_path / "metrics_token"
+    token.write_text("placeholder")
     for name in ("prometheus.yml", "prometheus.scale.yml"):
         text = (ROOT / "prometheus" / name).read_text().replace("/etc/prometheus/rules/*.yml", rules)
+        text = text.replace("/run/secrets/metrics_token", str(token))
         copy = tmp_path / name
         copy.write_text(text)
         res = run([promtool(), "check", "config", str(copy)])
