@@ -150,7 +150,8 @@ def test_every_compose_variable_is_in_env_example():
 
 def test_env_example_has_only_placeholders():
     values = _env_example()
-    for key in ("AUTOMAGIK_OMNI_API_KEY", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "GRAFANA_DB_PASSWORD"):
+    for key in ("AUTOMAGIK_OMNI_API_KEY", "AUTOMAGIK_OMNI_METRICS_TOKEN", "POSTGRES_PASSWORD",
+                "GRAFANA_ADMIN_PASSWORD", "GRAFANA_DB_PASSWORD"):
         assert values.get(key) == "change-me", f"{key} must be the change-me placeholder"
     assert values.get("ALERT_WEBHOOK_URL") == "http://sandbox:8890/alerts"
     assert values.get("RETENTION_DAYS", "").isdigit()
