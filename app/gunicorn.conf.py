@@ -25,6 +25,13 @@ except ConfigError as exc:
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
 threads = _settings.threads
+# Connections a worker holds at once (gunicorn's default: 1000). Workers race to accept, so a
+# client opening its keep-alive pool in one burst could land every connection on one worker:
+# that worker's GIL then caps the replica at about one core while the others idle (bench/:
+# 128 connections all on one of 2 workers in ~1 run of 4, 590 instead of 900 msg/s). At
+# threads x 4 a full worker stops accepting and the next connections go to the others; it
+# still keeps up to threads x 3 idle keep-alive connections.
+worker_connections = _settings.threads * 4
 # gthread: the webhook path blocks briefly on the trace commit; threads overlap those waits.
 worker_class = "gthread"
 # Longer than the pipeline's drain so in-flight messages can finish on SIGTERM.
@@ -57,6 +64,12 @@ def when_ready(server):
         from app.recovery import service_started
 
         service_started(_settings.database_url)
+
+
+def post_worker_init(worker):
+    """In the worker, app loaded: garbage-collector settings for serving (app/gc_tuning.py)."""
+    from app.gc_tuning import tune_worker_gc
+    tune_worker_gc()
 
 
 def worker_exit(server, worker):
