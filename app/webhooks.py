@@ -177,7 +177,7 @@ def _accept(rt, inst, fields: dict, received_at: dt.datetime, started: float,
                            created_at=received_at, steps=list(msg.steps), owner=pipeline.owner)
             trace_id, inserted = rt.writer.insert(row).result(timeout=COMMIT_WAIT_S)
         else:
-            trace_id, inserted = rt.recent_ids.claim((inst.id, fields["message_id"]), msg.trace_id)
+            trace_id, inserted = rt.recent_ids.claim(inst.id, fields["message_id"], msg.trace_id)
     except (DatabaseUnavailable, FutureTimeout):
         pipeline.release()
         raise _reject(503, "database_unavailable", "database unavailable; the message was not "

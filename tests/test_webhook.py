@@ -208,3 +208,26 @@ def test_database_down_503_then_recovers(stoppable):
     assert svc_ok.status_code == 202
     assert svc.wait_final(svc_ok.json()["trace_id"])["status"] == "completed"
     assert requests.get(svc.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_recent_ids_dedup_and_hold_nothing_the_collector_walks():
+    """The tracing-off duplicate memory: a repeat maps to the first trace id, the oldest ids
+    are forgotten past `size`, and no entry is an object the garbage collector tracks (with
+    UUIDs as values each full collection walked all 100,000 of them)."""
+    import gc
+
+    from app.dedup import RecentIds
+
+    ids = RecentIds(size=3)
+    first = uuid.uuid4()
+    assert ids.claim(1, "MSG-A", first) == (first, True)
+    assert ids.claim(1, "MSG-A", uuid.uuid4()) == (first, False)
+    other = uuid.uuid4()
+    assert ids.claim(2, "MSG-A", other) == (other, True)  # same id, another instance
+    for n in range(3):
+        ids.claim(1, f"MSG-{n}", uuid.uuid4())
+    fresh = uuid.uuid4()
+    assert ids.claim(1, "MSG-A", fresh) == (fresh, True)  # forgotten after 3 newer ones
+    assert len(ids._ids) == 3  # noqa: SLF001
+    for key, value in ids._ids.items():  # noqa: SLF001
+        assert not gc.is_tracked(key) and not gc.is_tracked(value), (key, value)
