@@ -160,11 +160,6 @@ def execute_values(cur: Any, sql: str, rows: Sequence[Sequence[Any]], *, templat
                                           page_size=page_size) or []
 
 
-def jsonb(value: Any) -> Any:
-    """Adapt a Python value for a jsonb parameter."""
-    return psycopg2.extras.Json(value)
-
-
 def connect_once(url: str, *, connect_timeout: int = 3) -> psycopg2.extensions.connection:
     """A single autocommit connection outside any pool (CLI, gunicorn master hooks)."""
     try:

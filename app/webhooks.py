@@ -85,6 +85,8 @@ def _message_fields(body: dict) -> tuple[str | None, dict]:
     _field(data, "pushName", str, "data.pushName", required=False)
     if not 1 <= len(msg_id) <= 128:
         raise _reject(400, "malformed", "data.key.id must be 1 to 128 characters")
+    if "\x00" in msg_id:  # PostgreSQL text cannot hold NUL; an id is never rewritten
+        raise _reject(400, "malformed", "data.key.id must not contain NUL characters")
     message = _field(data, "message", dict, "data.message", required=False) or {}
     text = message.get("conversation")
     if not isinstance(text, str) or not text.strip():

@@ -231,3 +231,37 @@ def test_recent_ids_dedup_and_hold_nothing_the_collector_walks():
     assert len(ids._ids) == 3  # noqa: SLF001
     for key, value in ids._ids.items():  # noqa: SLF001
         assert not gc.is_tracked(key) and not gc.is_tracked(value), (key, value)
+
+
+def test_nul_in_text_is_stored_as_replacement_and_spoils_no_batch(make_service):
+    """PostgreSQL text cannot hold NUL. A message (and the agent's echo of it) carrying one is
+    accepted, processed and stored with U+FFFD; webhooks written in the same batch are not
+    refused and their final states are not lost. A NUL in data.key.id is a 400."""
+    svc = make_service()
+    svc.ensure_instance("nul", svc.sandbox.url)
+    texts = ["hi\x00there"] + [f"plain {i}" for i in range(15)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda t: requests.post(f"{svc.url}/webhook/evolution/nul",
+                                                        json=webhook("nul", t), timeout=10), texts))
+    assert [a.status_code for a in answers] == [202] * 16, [a.text for a in answers]
+    traces = [svc.wait_final(a.json()["trace_id"]) for a in answers]
+    assert all(t["status"] == "completed" for t in traces), [t["status"] for t in traces]
+    assert traces[0]["message_content"] == "hi\ufffdthere"
+    assert traces[0]["response_content"].endswith("hi\ufffdthere")
+    assert [t["message_content"] for t in traces[1:]] == texts[1:]
+    body = webhook("nul", "hello")
+    body["data"]["key"]["id"] = "3EB0\x00X"
+    r = requests.post(f"{svc.url}/webhook/evolution/nul", json=body, timeout=10)
+    assert r.status_code == 400 and "data.key.id" in r.json()["error"]
+
+
+def test_rows_json_replaces_nul_only():
+    """The batch parameter: NUL anywhere (nested steps too) becomes U+FFFD; a literal
+    backslash-u0000 typed by a user is kept as typed."""
+    import json
+
+    from app.traces.store import rows_json
+
+    rows = [["a\x00b", {"error": "x\x00"}, [None, 3]], ["typed \\u0000 here"]]
+    assert json.loads(rows_json(rows)) == [["a\ufffdb", {"error": "x\ufffd"}, [None, 3]],
+                                           ["typed \\u0000 here"]]

@@ -129,7 +129,7 @@ def test_new_rows_and_final_states_go_in_one_statement(fresh_db):
         second = _row()
         result = store.write_batch(Spy(), [second, _row(first.message_id)], [_finished(first.trace_id)])
     assert len(statements) == 2  # the batch, then the lookup of the duplicate's original id
-    assert statements[0].startswith(b"WITH fin AS (UPDATE")
+    assert statements[0].startswith("WITH fin AS (UPDATE")
     assert result[(1, second.message_id)] == (second.trace_id, True)
     assert result[(1, first.message_id)] == (first.trace_id, False)
     assert _status(db, first.trace_id) == "completed" and _status(db, second.trace_id) == "processing"
