@@ -37,6 +37,11 @@ class UniqueViolation(DatabaseError):
     """An INSERT or UPDATE hit a unique constraint."""
 
 
+class RowRejected(DatabaseError):
+    """The database refused the values of a row (a data or integrity error): the same
+    statement fails again however often it is retried."""
+
+
 def _translate(exc: Exception) -> Exception:
     if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and not isinstance(
         exc, psycopg2.errors.QueryCanceled
@@ -44,6 +49,8 @@ def _translate(exc: Exception) -> Exception:
         return DatabaseUnavailable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     if isinstance(exc, psycopg2.errors.UniqueViolation):
         return UniqueViolation(str(exc).strip())
+    if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
+        return RowRejected(str(exc).strip())
     return DatabaseError(str(exc).strip())
 
 

@@ -142,3 +142,36 @@ def test_new_rows_and_final_states_go_in_one_statement(fresh_db):
             store.write_batch(cur, [bad], [_finished(second.trace_id)])
     assert _status(db, second.trace_id) == "processing"
     db.close()
+
+
+def test_a_refused_row_fails_alone(writer):
+    """A row the database refuses (here an int overflow and a NOT NULL violation) fails only
+    its own message: the batch is written again row by row, the neighbours' new rows and
+    final states land, and nothing is retried forever."""
+    from app.telemetry import metrics
+
+    def failures() -> float:
+        return metrics.UPSTREAM_ERRORS.labels(upstream="database", reason="write_failed")._value.get()
+
+    done = [writer.insert(_row()).result(timeout=10)[0] for _ in range(3)]
+    before = failures()
+    writer._cond.acquire()  # noqa: SLF001 - hold the writer so all of these go in one batch
+    try:
+        bad_final = _finished(done[0])
+        bad_final.duration_ms = 2 ** 40  # integer out of range
+        writer.finish(bad_final)
+        writer.finish(_finished(done[1]))
+        writer.finish(_finished(done[2]))
+        bad_new = _row()
+        bad_new.instance_name = None  # NOT NULL violation
+        futures = [writer.insert(_row()), writer.insert(bad_new), writer.insert(_row())]
+    finally:
+        writer._cond.release()  # noqa: SLF001
+    assert writer.flush(10)
+    assert futures[0].result(timeout=10)[1] is True and futures[2].result(timeout=10)[1] is True
+    with pytest.raises(DatabaseUnavailable):
+        futures[1].result(timeout=10)
+    db = writer.db
+    assert [_status(db, t) for t in done] == ["processing", "completed", "completed"]
+    assert failures() - before == 2  # the two refused rows, once each
+    assert writer.pending == 0

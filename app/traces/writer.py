@@ -15,7 +15,7 @@ import time
 import uuid
 from concurrent.futures import Future
 
-from app.db import Database, DatabaseError, DatabaseUnavailable
+from app.db import Database, DatabaseError, DatabaseUnavailable, RowRejected
 from app.telemetry import metrics
 from app.traces.store import FinishedTrace, NewTrace, TraceStore
 
@@ -147,16 +147,29 @@ class TraceWriter:
             self.batches += 1
             self._retry_at = 0.0
         except Exception as exc:  # noqa: BLE001 - whatever happens, this thread must survive
+            outage = isinstance(exc, DatabaseUnavailable) or (
+                isinstance(exc, DatabaseError) and not isinstance(exc, RowRejected))
+            if not outage and len(inserts) + len(finishes) > 1:
+                # One row the database (or the encoder) refuses must not fail its
+                # neighbours: write each row alone so that only its own message suffers.
+                log.warning("trace batch refused, writing its rows one by one",
+                            extra={"event": "trace_batch_split", "error": str(exc)})
+                for item in inserts:
+                    self._write([item], [])
+                for row in finishes:
+                    self._write([], [row])
+                return
             reason = "unavailable" if isinstance(exc, DatabaseUnavailable) else "write_failed"
             metrics.UPSTREAM_ERRORS.labels(upstream="database", reason=reason).inc()
-            log.error("trace write failed", extra={"event": "trace_write_failed", "error": str(exc)})
             for _, fut in inserts:
                 fut.set_exception(exc if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable(str(exc)))
-            if not isinstance(exc, (DatabaseUnavailable, DatabaseError)):
-                # Not an outage: retrying the same rows would fail forever. The sweep will
-                # mark those messages `error` once their timeout has passed.
-                log.exception("trace batch dropped", extra={"event": "trace_write_failed"})
+            if not outage:
+                # Retrying the same row would fail forever: it is dropped (a new row's webhook
+                # got 503; a final state's message is marked `error` by the sweep later).
+                log.error("trace row dropped", exc_info=not isinstance(exc, DatabaseError),
+                          extra={"event": "trace_write_failed", "error": str(exc)})
                 return
+            log.error("trace write failed", extra={"event": "trace_write_failed", "error": str(exc)})
             with self._cond:
                 self._finishes.extendleft(reversed(finishes))
             # Back off so an outage costs one failed attempt a second, not a busy loop.
