@@ -10,9 +10,10 @@ import gc
 # allocations the same passes cost ~40 us a message. Garbage that needs the collector
 # (cycles: tracebacks, futures) waits a little longer; worker memory stays flat (bench/).
 GEN0_THRESHOLD = 10_000
-# Older generations: each collected after 20 collections of the one below (default 10).
-GEN1_THRESHOLD = 20
-GEN2_THRESHOLD = 20
+# Older generations keep CPython's ratios (each collected after 10 collections of the one
+# below): in-flight state that dies after its agent call is freed as soon as before.
+GEN1_THRESHOLD = 10
+GEN2_THRESHOLD = 10
 
 
 def tune_worker_gc() -> None:
