@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The full run stays under 15 minutes with the 10-minute memory run in it: the
 # on/off pairs are stable since connections spread over the workers (0.48-0.54 over 10
-# pairs), so 6 short pairs and 2 x 4 s per layer are enough.
-FULL = dict(tp_repeats=6, tp_seconds=4, warmup_seconds=2, profile_seconds=5, layer_repeats=2, layer_seconds=4,
+# pairs), so 5 short pairs and 2 x 4 s per layer are enough.
+FULL = dict(tp_repeats=5, tp_seconds=4, warmup_seconds=2, profile_seconds=5, layer_repeats=2, layer_seconds=4,
             layer_delay_ms=100,
             lat_seconds=600, lat_rate=100, mem_sample_s=5,
-            traces=1_000_000, first_samples=100, walks=5, pages=10, analytics_repeats=3)
+            traces=1_000_000, first_samples=60, walks=4, pages=10, analytics_repeats=3)
 QUICK = dict(tp_repeats=1, tp_seconds=2, warmup_seconds=1, profile_seconds=2, layer_repeats=1, layer_seconds=1,
              layer_delay_ms=100,
              lat_seconds=6, lat_rate=100, mem_sample_s=1,
