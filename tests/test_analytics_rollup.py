@@ -161,11 +161,17 @@ def test_rollups_follow_every_kind_of_write(db_url):
 
     # A bulk load in one statement (as bench/traces.py does it).
     from bench.traces import GENERATE
-    query(db_url, GENERATE, {"instances": 3, "users": 50, "total": 3000, "span_ms": 3 * 86_400_000})
+    query(db_url, GENERATE, {"instances": 3, "users": 50, "total": 3000, "first": 1, "last": 3000, "span_ms": 3 * 86_400_000})
     assert_rollups_exact(db_url)
     query(db_url, "DELETE FROM message_trace")
     assert_rollups_exact(db_url)
     assert query(db_url, "SELECT count(*) FROM trace_rollup_hour")[0][0] == 0
+    # The bench's load: two halves of the time range inserted at once on two connections.
+    from bench.traces import generate
+    assert generate(db_url, 6000, days=3)["rows"] == 8000
+    assert_rollups_exact(db_url)
+    query(db_url, "DELETE FROM message_trace")
+    assert_rollups_exact(db_url)
     db.close()
 
 
