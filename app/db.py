@@ -33,13 +33,13 @@ class DatabaseError(Exception):
     """The database answered with an error (constraint, bad SQL, timeout)."""
 
 
-class UniqueViolation(DatabaseError):
-    """An INSERT or UPDATE hit a unique constraint."""
-
-
 class RowRejected(DatabaseError):
     """The database refused the values of a row (a data or integrity error): the same
     statement fails again however often it is retried."""
+
+
+class UniqueViolation(RowRejected):
+    """An INSERT or UPDATE hit a unique constraint."""
 
 
 def _translate(exc: Exception) -> Exception:
