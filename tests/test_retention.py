@@ -178,3 +178,40 @@ def test_exclusive_purge_yields_to_a_lock_holder(db):
         store.db.close()
     finally:
         holder.close()
+
+
+def test_purge_batches_hold_at_most_batch_rows_even_with_tied_timestamps(db):
+    """Each delete statement of a purge removes at most `batch` rows, also when many rows
+    share one created_at (a bulk load), and the purge removes exactly the expired ones."""
+    from app.db import Database
+    from app.traces.store import TraceStore
+
+    now = dt.datetime.now(UTC)
+    tied = now - dt.timedelta(days=40)
+    conn = psycopg2.connect(db)
+    with conn, conn.cursor() as cur:
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id, user_id,
+                   status, duration_ms, created_at, updated_at, steps) VALUES %s""",
+            [(uuid.uuid4(), 1, "bot", f"tie-{i}", "whatsapp:+5511999990000", "completed", 100,
+              tied, tied, psycopg2.extras.Json([])) for i in range(23)])
+        # Records the row count of every DELETE statement on message_trace.
+        cur.execute("""CREATE TABLE deleted_per_statement (n bigint);
+                       CREATE FUNCTION count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+                       BEGIN INSERT INTO deleted_per_statement SELECT count(*) FROM gone; RETURN NULL; END $$;
+                       CREATE TRIGGER count_deleted AFTER DELETE ON message_trace REFERENCING OLD TABLE AS gone
+                           FOR EACH STATEMENT EXECUTE FUNCTION count_deleted();""")
+    conn.close()
+    insert_aged(db, [31.5, 32, 33, 35])  # more expired rows, one in a partial hour maybe
+    kept = insert_aged(db, [29, 1])
+    store = TraceStore(Database(db, size=1))
+    assert store.delete_older_than(now - dt.timedelta(days=30), batch=5) == 27
+    store.db.close()
+    assert remaining(db) == set(kept)
+    conn = psycopg2.connect(db)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT n FROM deleted_per_statement")
+        counts = [n for (n,) in cur.fetchall()]
+    conn.close()
+    assert sum(counts) == 27 and max(counts) <= 5, counts

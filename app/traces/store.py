@@ -275,14 +275,21 @@ class TraceStore:
                 # set_config(..., true) is SET LOCAL with a parameter (sql/006, purge mode).
                 cur.execute("SELECT set_config('omni.rollup_purge', %(day)s, true)",
                             {"day": purge_day.isoformat()})
-            cur.execute(
-                """DELETE FROM message_trace WHERE trace_id IN (
-                       SELECT trace_id FROM message_trace WHERE created_at < %(cutoff)s
-                       ORDER BY created_at LIMIT %(batch)s)""",
-                {"cutoff": cutoff, "batch": batch})
+            # A batch is the key range up to the batch-th oldest (created_at, trace_id): one
+            # range scan of message_trace_created. `trace_id IN (SELECT ... LIMIT batch)` cost a
+            # primary-key probe per row, ~100 ms of a 1 s day purge (bench/traces.py).
+            cur.execute("""SELECT created_at, trace_id FROM message_trace WHERE created_at < %(cutoff)s
+                           ORDER BY created_at, trace_id OFFSET %(skip)s LIMIT 1""",
+                        {"cutoff": cutoff, "skip": batch - 1})
+            edge = cur.fetchone()
+            if edge is None:
+                cur.execute("DELETE FROM message_trace WHERE created_at < %(cutoff)s", {"cutoff": cutoff})
+            else:
+                cur.execute("DELETE FROM message_trace WHERE (created_at, trace_id) <= (%(at)s, %(id)s)",
+                            {"at": edge[0], "id": edge[1]})
             n = cur.rowcount
             # Commit per batch: row locks are held only for one batch at a time.
             conn.commit()
             total += n
-            if n < batch:
+            if edge is None:
                 return total
