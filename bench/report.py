@@ -48,7 +48,8 @@ def targets(r: dict) -> list[dict]:
     a1 = _get(ana, "30 days, one instance", "median_ms")
     add("analytics over 30 days, one instance (median ms)", a1, "< 300 ms", a1 is not None and a1 < 300)
     ret = _get(r, "trace_store", "retention", default={}) or {}
-    add(f"retention: delete one expired day ({ret.get('deleted', '?')} rows) (ms)", ret.get("purge_ms"),
+    add(f"retention: delete one expired day ({ret.get('deleted', '?')} rows, cutoff 23:59 UTC: the costliest hour) (ms)",
+        ret.get("purge_ms"),
         "< 1000 ms", ret.get("purge_ms") is not None and ret["purge_ms"] < 1000)
     add("  webhook insert max latency during the purge (ms)", ret.get("insert_max_ms_during_purge"),
         "not blocked", None if ret.get("insert_max_ms_during_purge") is None

@@ -378,8 +378,9 @@ def memory_summary(samples: list[dict]) -> dict:
 def trace_store(pg: stack.Pg, cfg: dict) -> dict:
     db = pg.cluster.create_database()
     stack.migrate(db)
-    log(f"traces: generating {cfg['traces']:,} traces per 30 days (+1 expired day)")
-    gen = traces.generate(db, cfg["traces"])
+    end = traces.worst_purge_end(dt.datetime.now(dt.timezone.utc))
+    log(f"traces: generating {cfg['traces']:,} traces per 30 days (+1 expired day) up to {end:%Y-%m-%d %H:%M}")
+    gen = traces.generate(db, cfg["traces"], end=end)
     log(f"traces: generated {gen['rows']:,} rows in {gen['seconds']} s")
     box = stack.sandbox(0)
     # Retention far out so the periodic purge leaves the expired day to the measured DELETE.
@@ -387,11 +388,11 @@ def trace_store(pg: stack.Pg, cfg: dict) -> dict:
     try:
         svc.ensure_instance("bench", box.url)
         log("traces: list API")
-        api = traces.api_latency(svc.url, svc.api_key, cfg["first_samples"], cfg["walks"], cfg["pages"])
+        api = traces.api_latency(svc.url, svc.api_key, cfg["first_samples"], cfg["walks"], cfg["pages"], end)
         log(f"traces: worst p99 {api['worst_p99_ms']} ms; analytics")
-        ana = traces.analytics_latency(svc.url, svc.api_key, cfg["analytics_repeats"])
+        ana = traces.analytics_latency(svc.url, svc.api_key, cfg["analytics_repeats"], end)
         log("traces: retention")
-        ret = traces.retention(svc, "bench")
+        ret = traces.retention(svc, "bench", db, end - dt.timedelta(days=30))
     finally:
         svc.stop()
         box.stop()

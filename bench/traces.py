@@ -16,8 +16,8 @@ INSTANCES = 20
 USERS = 10_000
 DAY_MS = 86_400_000
 
-# One statement, evenly spaced created_at over `days` + 1 days ending now (the oldest day
-# is past a 30-day retention), 20 instances, 10,000 users (skewed), 5% failed, 0.2% error,
+# One statement, evenly spaced created_at over `days` + 1 days ending at %(end)s (the oldest
+# day is past a 30-day retention), 20 instances, 10,000 users (skewed), 5% failed, 0.2% error,
 # 2% slower than 10 s, four steps in each trace's jsonb like the pipeline writes them.
 GENERATE = """
 INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id, user_id,
@@ -61,7 +61,7 @@ FROM (
                 ELSE least(9999, greatest(60, floor(4000 * exp(0.35 * sqrt(-2 * ln(1 - random()))
                                                                * cos(2 * pi() * random())))::int)) END AS dur,
            20 + floor(random() * 60)::int AS evo, r3,
-           now() - (%(span_ms)s::bigint * i / %(total)s) * interval '1 millisecond' AS ts
+           %(end)s::timestamptz - (%(span_ms)s::bigint * i / %(total)s) * interval '1 millisecond' AS ts
     FROM (SELECT i, random() AS r, random() AS r2, random() AS r3
           FROM generate_series(%(first)s, %(last)s) AS i) AS g
   ) AS a
@@ -69,20 +69,35 @@ FROM (
 """
 
 
-def _generate_part(database_url: str, first: int, last: int, total: int, days: int) -> None:
+def _generate_part(database_url: str, first: int, last: int, total: int, days: int,
+                   end: dt.datetime) -> None:
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT setseed(%(seed)s)", {"seed": 0.42 if first == 1 else 0.24})
             cur.execute(GENERATE, {"instances": INSTANCES, "users": USERS, "total": total,
-                                   "first": first, "last": last, "span_ms": (days + 1) * DAY_MS})
+                                   "first": first, "last": last, "span_ms": (days + 1) * DAY_MS,
+                                   "end": end})
     finally:
         conn.close()
 
 
-def generate(database_url: str, per_30_days: int, days: int = 30) -> dict:
-    """Insert per_30_days traces per 30 days over days + 1 days; the indexes are rebuilt after."""
+def worst_purge_end(now: dt.datetime) -> dt.datetime:
+    """The latest 23:59 UTC at or before now.
+
+    Data ending there puts the 30-day cutoff at 23:59, the costliest time of day for a purge:
+    the day's 23 whole hours go through the per-user rollup and the partial hour is 59 minutes
+    long (sql/006). A cutoff just after midnight costs a third of that.
+    """
+    end = now.astimezone(dt.timezone.utc).replace(hour=23, minute=59, second=0, microsecond=0)
+    return end if end <= now else end - dt.timedelta(days=1)
+
+
+def generate(database_url: str, per_30_days: int, days: int = 30, end: dt.datetime | None = None) -> dict:
+    """Insert per_30_days traces per 30 days over days + 1 days up to end (default now); the
+    indexes are rebuilt after."""
+    end = end or dt.datetime.now(dt.timezone.utc)
     total = per_30_days * (days + 1) // days
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
@@ -100,7 +115,7 @@ def generate(database_url: str, per_30_days: int, days: int = 30) -> dict:
         # SQL (one core each) and their rollup keys (hours) do not overlap.
         halves = [(1, total // 2), (total // 2 + 1, total)]
         with concurrent.futures.ThreadPoolExecutor(len(halves)) as pool:
-            list(pool.map(lambda h: _generate_part(database_url, h[0], h[1], total, days), halves))
+            list(pool.map(lambda h: _generate_part(database_url, h[0], h[1], total, days, end), halves))
         for _, definition in indexes:
             cur.execute(definition)
         cur.execute("VACUUM ANALYZE message_trace")
@@ -111,7 +126,8 @@ def generate(database_url: str, per_30_days: int, days: int = 30) -> dict:
                        FROM generate_series(1, %(n)s) n ON CONFLICT (name) DO NOTHING""",
                     {"n": INSTANCES})
     conn.close()
-    return {"rows": total, "rows_per_30_days": per_30_days, "seconds": round(time.monotonic() - t0, 1),
+    return {"rows": total, "rows_per_30_days": per_30_days, "end": end.isoformat(),
+            "seconds": round(time.monotonic() - t0, 1),
             "table_mb": round(size / 2**20, 1)}
 
 
@@ -160,11 +176,12 @@ def _variants(now: dt.datetime) -> list[tuple[str, dict]]:
     ]
 
 
-def api_latency(base_url: str, api_key: str, first_samples: int, walks: int, pages: int) -> dict:
-    """p50/p99 of first pages and of cursor pages (up to `pages` deep) per filter variant."""
+def api_latency(base_url: str, api_key: str, first_samples: int, walks: int, pages: int,
+                now: dt.datetime) -> dict:
+    """p50/p99 of first pages and of cursor pages (up to `pages` deep) per filter variant;
+    `now` is the end of the generated data."""
     sess = requests.Session()
     sess.headers["x-api-key"] = api_key
-    now = dt.datetime.now(dt.timezone.utc)
     results = []
     n = 0
     for name, template in _variants(now):
@@ -200,17 +217,16 @@ def api_latency(base_url: str, api_key: str, first_samples: int, walks: int, pag
     return {"variants": results, "worst_p99_ms": round(worst, 2)}
 
 
-def analytics_latency(base_url: str, api_key: str, repeats: int) -> dict:
-    """GET /api/v1/traces/analytics over 30 days (all instances, and one instance)."""
+def analytics_latency(base_url: str, api_key: str, repeats: int, now: dt.datetime) -> dict:
+    """GET /api/v1/traces/analytics over the 30 days before `now` (all instances, and one)."""
     sess = requests.Session()
     sess.headers["x-api-key"] = api_key
-    now = dt.datetime.now(dt.timezone.utc)
     cases = {"30 days, all instances": {"start_date": (now - dt.timedelta(days=30)).isoformat(),
                                         "end_date": now.isoformat()},
              "30 days, one instance": {"start_date": (now - dt.timedelta(days=30)).isoformat(),
                                        "end_date": now.isoformat(), "instance_name": "inst-07"},
              "last 24 h, hourly": {"start_date": (now - dt.timedelta(days=1)).isoformat(),
-                                   "interval": "hour"}}
+                                   "end_date": now.isoformat(), "interval": "hour"}}
     out = {}
     for name, params in cases.items():
         times = []
@@ -226,8 +242,16 @@ def analytics_latency(base_url: str, api_key: str, repeats: int) -> dict:
     return out
 
 
-def retention(service, instance: str, expired_days: int = 30) -> dict:
-    """DELETE one expired day over the API while webhooks keep inserting; both timed."""
+def retention(service, instance: str, database_url: str, cutoff: dt.datetime) -> dict:
+    """Purge everything before cutoff (one expired day) while webhooks keep inserting; both timed.
+
+    The purge is TraceStore.delete_older_than, what `DELETE /api/v1/traces` and the hourly
+    purge run, called here with an explicit cutoff: the API's is now minus whole days, so its
+    cost would depend on the hour the bench runs (worst_purge_end).
+    """
+    from app.db import Database
+    from app.traces.store import TraceStore
+
     stop = threading.Event()
     samples: list[tuple[float, float, int]] = []
     template = body_template(instance)
@@ -247,19 +271,19 @@ def retention(service, instance: str, expired_days: int = 30) -> dict:
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
+    store = TraceStore(Database(database_url, size=1))
+    store.count_older_than(cutoff)  # opens the connection and warms the index path
     time.sleep(2.0)
-    dry = service.api("GET", "/api/v1/traces?limit=1")  # warm the connection path
-    dry.raise_for_status()
     t0 = time.perf_counter()
-    r = service.api("DELETE", f"/api/v1/traces?older_than_days={expired_days}")
+    deleted = store.delete_older_than(cutoff, exclusive=False)
     t1 = time.perf_counter()
-    r.raise_for_status()
+    store.db.close()
     time.sleep(1.0)
     stop.set()
     thread.join(10)
     during = [ms for t, ms, _ in samples if t0 - 0.05 <= t <= t1]
     before = [ms for t, ms, _ in samples if t < t0]
-    return {"deleted": r.json()["deleted"], "purge_ms": round((t1 - t0) * 1000, 1),
+    return {"deleted": deleted, "cutoff": cutoff.isoformat(), "purge_ms": round((t1 - t0) * 1000, 1),
             "inserts_during_purge": len(during),
             "insert_max_ms_during_purge": round(max(during), 1) if during else None,
             "insert_p50_ms_before": round(statistics.median(before), 1) if before else None,
