@@ -118,7 +118,14 @@ def generate(database_url: str, per_30_days: int, days: int = 30, end: dt.dateti
             list(pool.map(lambda h: _generate_part(database_url, h[0], h[1], total, days, end), halves))
         for _, definition in indexes:
             cur.execute(definition)
-        cur.execute("VACUUM ANALYZE message_trace")
+        # As a month of traffic leaves the database: statistics current (autovacuum's job) and
+        # the load written out. Measured right after a 1.1 GB bulk load instead, the purge
+        # took ~1.15 s against ~0.85 s, planned on empty-table estimates of the rollups and
+        # sharing the disk with the checkpoint writing the load back.
+        for table in ("message_trace", "trace_rollup_hour", "trace_hist_hour", "trace_hist_day",
+                      "trace_user_day"):
+            cur.execute(f"VACUUM ANALYZE {table}")
+        cur.execute("CHECKPOINT")
         cur.execute("SELECT pg_total_relation_size('message_trace')")
         size = cur.fetchone()[0]
         cur.execute("""INSERT INTO instance (name, agent_api_url, evolution_url)

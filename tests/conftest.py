@@ -17,6 +17,50 @@ from tests.support import API_KEY, PgCluster, Sandbox, Service, migrate  # noqa:
 
 GRAFANA_READER_PASSWORD = "reader-" + uuid.uuid4().hex[:12]
 
+# The quick bench takes about a minute, mostly its own processes waiting on timed phases: it
+# starts when collection ends and runs beside the suite; its test, moved last, waits for it.
+BENCH_SMOKE = "tests/test_bench_smoke.py::test_bench_quick_writes_every_figure"
+BENCH_RUN = pytest.StashKey[dict]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Move the bench smoke test last and start `python -m bench --quick` for it."""
+    smoke = [item for item in items if item.nodeid == BENCH_SMOKE]
+    if not smoke or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item.nodeid != BENCH_SMOKE] + smoke
+    import subprocess
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="omni-bench-smoke-"))
+    with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--out", str(out / "results")],
+                                cwd=Path(__file__).resolve().parent.parent, stdout=stdout, stderr=stderr)
+    config.stash[BENCH_RUN] = {"proc": proc, "out": out}
+
+
+def pytest_unconfigure(config):
+    """Stop the quick bench if the session ends before its test waited for it."""
+    run = config.stash.get(BENCH_RUN, None)
+    if run is None:
+        return
+    import shutil
+    import signal
+
+    from demo.processes import stop_process
+
+    # SIGINT: the bench's finally blocks stop the PostgreSQL and services it started.
+    stop_process(run["proc"], signal.SIGINT, timeout=30)
+    shutil.rmtree(run["out"], ignore_errors=True)
+
+
+@pytest.fixture()
+def bench_run(request):
+    """The quick bench started at collection (see pytest_collection_modifyitems)."""
+    run = request.config.stash.get(BENCH_RUN, None)
+    assert run is not None, "the quick bench was not started: run its test by its node id"
+    return run
+
 
 @pytest.fixture(scope="session")
 def pg():
