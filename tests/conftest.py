@@ -23,6 +23,7 @@ BENCH_SMOKE = "tests/test_bench_smoke.py::test_bench_quick_writes_every_figure"
 BENCH_RUN = pytest.StashKey[dict]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m deselected what will not run
 def pytest_collection_modifyitems(config, items):
     """Move the bench smoke test last and start `python -m bench --quick` for it."""
     smoke = [item for item in items if item.nodeid == BENCH_SMOKE]

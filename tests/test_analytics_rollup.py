@@ -86,7 +86,9 @@ def assert_rollups_exact(url: str) -> None:
         assert got == want, f"{table}: {len(got)} rollup rows vs {len(want)} from scratch; " \
                             f"missing {sorted(set(want) - set(got))[:3]}, extra {sorted(set(got) - set(want))[:3]}"
     # Zero rows are removed when a subtraction empties them.
-    assert not query(url, "SELECT 1 FROM trace_hist_day WHERE n = 0")
+    for table, zero in (("trace_rollup_hour", "messages = 0 AND duration_n = 0"), ("trace_hist_hour", "n = 0"),
+                        ("trace_hist_day", "n = 0"), ("trace_user_day", "n = 0")):
+        assert not query(url, f"SELECT 1 FROM {table} WHERE {zero}"), f"{table}: zero rows left"
 
 
 @pytest.fixture()
