@@ -19,17 +19,17 @@ GRAFANA_READER_PASSWORD = "reader-" + uuid.uuid4().hex[:12]
 
 # The quick bench takes about a minute, mostly its own processes waiting on timed phases: it
 # starts when collection ends and runs beside the suite; its test, moved last, waits for it.
-BENCH_SMOKE = "tests/test_bench_smoke.py::test_bench_quick_writes_every_figure"
+BENCH_SMOKE = ("test_bench_smoke.py", "test_bench_quick_writes_every_figure")
 BENCH_RUN = pytest.StashKey[dict]()
 
 
 @pytest.hookimpl(trylast=True)  # after -k and -m deselected what will not run
 def pytest_collection_modifyitems(config, items):
     """Move the bench smoke test last and start `python -m bench --quick` for it."""
-    smoke = [item for item in items if item.nodeid == BENCH_SMOKE]
+    smoke = [item for item in items if (item.path.name, item.name) == BENCH_SMOKE]
     if not smoke or config.option.collectonly:
         return
-    items[:] = [item for item in items if item.nodeid != BENCH_SMOKE] + smoke
+    items[:] = [item for item in items if item not in smoke] + smoke
     import subprocess
     import tempfile
 
@@ -59,7 +59,7 @@ def pytest_unconfigure(config):
 def bench_run(request):
     """The quick bench started at collection (see pytest_collection_modifyitems)."""
     run = request.config.stash.get(BENCH_RUN, None)
-    assert run is not None, "the quick bench was not started: run its test by its node id"
+    assert run is not None, "the quick bench was not started at collection (tests/conftest.py)"
     return run
 
 
