@@ -12,11 +12,11 @@ ALTER FUNCTION trace_rollup_forget_before(timestamptz) SET work_mem = '64MB';
 -- statistics the planner preferred a sequential scan for `n = 0` (it estimates a transition
 -- table filtered on status at ~1.5 % of its rows), so every delete or update of final rows
 -- read all of trace_user_day and trace_hist_day: ~70 + ~40 ms at 1 M traces a month for a
--- 1,366-row partial hour (now ~17 + ~6 ms), growing with the tables. Now each key is looked up through the
+-- 1,366-row partial hour, growing with the tables. Now each key is looked up through the
 -- primary key's prefix, in a LATERAL subquery run once per key (OFFSET 0 keeps the planner
--- from flattening it back into that join), and the rows are deleted by ctid; `n = 0` is
--- checked again on the row deleted, so a row a concurrent writer has just raised from zero
--- stays.
+-- from flattening it back into that join): ~17 + ~6 ms. The rows are deleted by ctid, with
+-- the zero test repeated on the row deleted, so a row a concurrent writer has just raised
+-- from zero stays.
 CREATE OR REPLACE FUNCTION trace_rollup_cleanup_statements() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $fn$
 SELECT array_agg(format($q$DELETE FROM %1$s t WHERE %4$s AND t.ctid = ANY (ARRAY(

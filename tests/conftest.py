@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
-import time
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo.processes import create_database  # noqa: E402
+from demo.processes import create_database, stop_process  # noqa: E402
 from tests.support import API_KEY, PgCluster, Sandbox, Service, migrate  # noqa: E402
 
 GRAFANA_READER_PASSWORD = "reader-" + uuid.uuid4().hex[:12]
@@ -30,9 +34,6 @@ def pytest_collection_modifyitems(config, items):
     if not smoke or config.option.collectonly:
         return
     items[:] = [item for item in items if item not in smoke] + smoke
-    import subprocess
-    import tempfile
-
     out = Path(tempfile.mkdtemp(prefix="omni-bench-smoke-"))
     with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--out", str(out / "results")],
@@ -45,11 +46,6 @@ def pytest_unconfigure(config):
     run = config.stash.get(BENCH_RUN, None)
     if run is None:
         return
-    import shutil
-    import signal
-
-    from demo.processes import stop_process
-
     # SIGINT: the bench's finally blocks stop the PostgreSQL and services it started.
     stop_process(run["proc"], signal.SIGINT, timeout=30)
     shutil.rmtree(run["out"], ignore_errors=True)

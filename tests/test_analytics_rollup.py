@@ -163,8 +163,8 @@ def test_rollups_follow_every_kind_of_write(db_url):
 
     # A bulk load in one statement (as bench/traces.py does it).
     from bench.traces import GENERATE
-    query(db_url, GENERATE, {"instances": 3, "users": 50, "total": 3000, "first": 1, "last": 3000, "span_ms": 3 * 86_400_000,
-                                "end": dt.datetime.now(dt.timezone.utc)})
+    query(db_url, GENERATE, {"instances": 3, "users": 50, "total": 3000, "first": 1, "last": 3000,
+                             "span_ms": 3 * 86_400_000, "end": dt.datetime.now(dt.timezone.utc)})
     assert_rollups_exact(db_url)
     query(db_url, "DELETE FROM message_trace")
     assert_rollups_exact(db_url)
