@@ -13,6 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from app import errors
 from app.auth import Guard
 from app.config import Settings
+from app.contacts import LidDirectory
 from app.db import Database
 from app.dedup import RecentIds
 from app.instances import InstanceRepo
@@ -43,6 +44,7 @@ class Runtime:
     guard: Guard
     loki: object | None
     recent_ids: RecentIds
+    contacts: LidDirectory
     webhook_rate_instance: WindowCounter
     webhook_rate_address: WindowCounter
     version: str = __version__
@@ -113,13 +115,17 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     db = Database(settings.database_url, size=settings.db_pool_size)
     traces = TraceStore(db)
-    writer = TraceWriter(db, traces) if settings.enable_tracing else None
+    writer = TraceWriter(db, traces, settings.enable_metrics) if settings.enable_tracing else None
+
+    def _contacts_failed() -> None:
+        if settings.enable_metrics:
+            metrics.UPSTREAM_ERRORS.labels(upstream="database", reason="write_failed").inc()
     periodic: list = []
     rt = Runtime(
         settings=settings, db=db, instances=InstanceRepo(db), traces=traces, writer=writer,
         pipeline=None,  # type: ignore[arg-type]
         guard=Guard(settings.api_key, settings.auth_failures_per_minute, settings.enable_metrics, db),
-        loki=loki, recent_ids=RecentIds(),
+        loki=loki, recent_ids=RecentIds(), contacts=LidDirectory(db, on_error=_contacts_failed),
         webhook_rate_instance=WindowCounter(settings.webhook_rate_per_instance or 1, 1.0),
         webhook_rate_address=WindowCounter(settings.webhook_rate_per_address or 1, 1.0))
     periodic.append((60.0, rt.guard.prune))

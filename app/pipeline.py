@@ -52,10 +52,11 @@ class Message:
     trace_id: uuid.UUID
     instance: Instance
     user_id: str
-    digits: str
+    digits: str             # of the agent's session_name: the phone, else the LID
     text: str
     received_at: dt.datetime
     started: float
+    reply_number: str = ""  # sendText `number`: phone digits or a LID JID
     steps: list[dict] = field(default_factory=list)
     current_step: str = "agent_called"
 
@@ -241,13 +242,14 @@ class Pipeline:
             msg.current_step = "evolution_send"
             t0 = time.perf_counter()
             try:
-                await send_evolution(self._session, msg.instance, msg.digits, reply.text,
-                                     self.settings.evolution_timeout_s)
+                reply_id = await send_evolution(self._session, msg.instance,
+                                                msg.reply_number or msg.digits, reply.text,
+                                                self.settings.evolution_timeout_s)
             except UpstreamError as exc:
                 self._upstream_failed(msg, "evolution", "evolution_send", t0, exc, reply_text)
                 return
             self.record_step(msg, "evolution_send", "success", time.perf_counter() - t0)
-            self._finish(msg, "completed", None, None, reply_text)
+            self._finish(msg, "completed", None, None, reply_text, reply_id)
         except asyncio.CancelledError:
             self._interrupt(msg, "interrupted: service shutting down before the message finished",
                             reply_text)
@@ -270,7 +272,7 @@ class Pipeline:
         self._finish(msg, "error", step, reason, reply_text)
 
     def _finish(self, msg: Message, status: str, failed_step: str | None, error: str | None,
-                reply_text: str | None) -> None:
+                reply_text: str | None, reply_id: str | None = None) -> None:
         try:
             done = {s["step"] for s in msg.steps}
             for step in STEPS:
@@ -283,7 +285,9 @@ class Pipeline:
                 self.writer.finish(FinishedTrace(
                     trace_id=msg.trace_id, status=status, duration_ms=duration_ms,
                     response_content=reply_text if self.settings.store_message_content else None,
-                    steps=msg.steps, failed_step=failed_step, error_message=error))
+                    steps=msg.steps, failed_step=failed_step, error_message=error,
+                    instance_id=msg.instance.id, reply_message_id=reply_id,
+                    sent_at=utcnow() if reply_id else None))
             name = msg.instance.name
             if self.metrics_on:
                 metrics.child(metrics.MESSAGES, name, status).inc()

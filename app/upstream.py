@@ -11,6 +11,8 @@ import aiohttp
 from app.instances import Instance
 
 MAX_REPLY_BYTES = 1 << 20
+# sendText answers with the sent message (a few hundred bytes); the id is all we read of it.
+MAX_SEND_ANSWER_BYTES = 64 << 10
 
 
 class UpstreamError(Exception):
@@ -93,18 +95,48 @@ async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> AgentRep
     raise UpstreamError("bad_response", "agent stream ended without [DONE]")
 
 
-async def send_evolution(session: aiohttp.ClientSession, inst: Instance, digits: str, text: str,
-                         timeout_s: float) -> None:
-    """Send the reply through the Evolution API; any 2xx is success."""
+async def send_evolution(session: aiohttp.ClientSession, inst: Instance, number: str, text: str,
+                         timeout_s: float) -> str | None:
+    """Send the reply through the Evolution API (number: digits or a JID); any 2xx is success.
+
+    Returns the sent message's key.id from Evolution's answer (receipts name it), or None
+    when the answer carries none.
+    """
     url = f"{inst.evolution_url}/message/sendText/{inst.evolution_instance}"
     headers = {"apikey": inst.evolution_api_key} if inst.evolution_api_key else {}
     try:
         async with asyncio.timeout(timeout_s):
-            async with session.post(url, json={"number": digits, "text": text}, headers=headers) as resp:
-                await resp.read()
+            async with session.post(url, json={"number": number, "text": text}, headers=headers) as resp:
+                raw = await _read_bounded(resp, MAX_SEND_ANSWER_BYTES)
                 if not 200 <= resp.status < 300:
                     raise UpstreamError(_http_reason(resp.status), f"evolution returned {resp.status}")
+                return sent_message_id(raw)
     except TimeoutError:
         raise UpstreamError("timeout", f"evolution timed out after {timeout_s:g} s") from None
     except aiohttp.ClientError as exc:
         raise UpstreamError("connection", f"evolution unreachable: {type(exc).__name__}") from None
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first `limit` bytes (enough to tell; the rest is not waited for)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(16 << 10):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)
+
+
+def sent_message_id(raw: bytes) -> str | None:
+    """key.id of Evolution's sendText answer, if it is there and plausible."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    key = data.get("key") if isinstance(data, dict) else None
+    msg_id = key.get("id") if isinstance(key, dict) else None
+    if isinstance(msg_id, str) and 1 <= len(msg_id) <= 128 and "\x00" not in msg_id:
+        return msg_id
+    return None

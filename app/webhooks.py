@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from app import evolution
 from app.auth import client_ip, secret_equals
 from app.db import DatabaseError, DatabaseUnavailable
 from app import jsonsafe
@@ -17,14 +17,12 @@ from app.errors import ApiError
 from app.pipeline import Message, utcnow
 from app.telemetry import metrics
 from app.telemetry.logs import REDACTOR
-from app.traces.store import NewTrace
+from app.traces.store import NewTrace, ReceiptRow
 from app.traces.writer import new_trace_id
 
 bp = Blueprint("webhooks", __name__)
 log = logging.getLogger("omni.webhook")
 
-MESSAGE_EVENTS = {"messages.upsert", "messages_upsert"}
-JID_RE = re.compile(r"^([0-9]{5,20})(?::[0-9]+)?@s\.whatsapp\.net$")
 # How long a webhook waits for the commit of its trace row before answering 503.
 COMMIT_WAIT_S = 10.0
 RETRY_AFTER_DB = "5"
@@ -63,49 +61,9 @@ def _parse_body() -> dict:
     return body
 
 
-def _field(obj: dict, name: str, kind: type | tuple, path: str, required: bool = True):
-    value = obj.get(name)
-    if value is None:
-        if required:
-            raise _reject(400, "malformed", f"missing field: {path}")
-        return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _reject(400, "malformed", f"wrong type for field: {path}")
-    return value
-
-
-def _message_fields(body: dict) -> tuple[str | None, dict]:
-    """(reason to ignore or None, parsed fields); 400 on a malformed messages.upsert."""
-    data = _field(body, "data", dict, "data")
-    key = _field(data, "key", dict, "data.key")
-    jid = _field(key, "remoteJid", str, "data.key.remoteJid")
-    msg_id = _field(key, "id", str, "data.key.id")
-    from_me = _field(key, "fromMe", bool, "data.key.fromMe", required=False)
-    _field(data, "messageTimestamp", (int, str), "data.messageTimestamp", required=False)
-    _field(data, "pushName", str, "data.pushName", required=False)
-    if not 1 <= len(msg_id) <= 128:
-        raise _reject(400, "malformed", "data.key.id must be 1 to 128 characters")
-    if "\x00" in msg_id:  # PostgreSQL text cannot hold NUL; an id is never rewritten
-        raise _reject(400, "malformed", "data.key.id must not contain NUL characters")
-    message = _field(data, "message", dict, "data.message", required=False) or {}
-    text = message.get("conversation")
-    if not isinstance(text, str) or not text.strip():
-        ext = message.get("extendedTextMessage")
-        text = ext.get("text") if isinstance(ext, dict) else None
-    if from_me:
-        return "message sent by this instance (fromMe)", {}
-    match = JID_RE.match(jid)
-    if not match:
-        if jid.endswith("@g.us") or jid.endswith("@broadcast"):
-            return "group and broadcast messages are not handled", {}
-        raise _reject(400, "malformed", "data.key.remoteJid is not a WhatsApp user JID")
-    if not isinstance(text, str) or not text.strip():
-        return "message has no text", {}
-    return None, {"message_id": msg_id, "digits": match.group(1), "text": text}
-
-
-@bp.post("/webhook/evolution/<instance_name>")
-def evolution_webhook(instance_name: str):
+@bp.post("/webhook/evolution/<instance_name>", defaults={"event": None})
+@bp.post("/webhook/evolution/<instance_name>/<event>")  # Evolution's webhookByEvents URLs
+def evolution_webhook(instance_name: str, event: str | None):
     """Record the message, hand it to the pipeline, answer at once."""
     started = time.perf_counter()
     received_at = utcnow()
@@ -145,26 +103,66 @@ def evolution_webhook(instance_name: str):
                       headers={"Retry-After": str(rt.webhook_rate_instance.retry_after(inst.name))})
     t_validated = time.perf_counter() - t0
 
-    event = body["event"].lower()
-    if event not in MESSAGE_EVENTS:
-        return jsonify(status="ignored", reason=f"event {body['event'][:64]} is not handled"), 200
     t1 = time.perf_counter()
-    ignore, fields = _message_fields(body)
+    try:
+        parsed = evolution.read_webhook(body)
+    except evolution.Malformed as exc:
+        raise _reject(400, "malformed", str(exc), instance=inst.name) from None
+    if isinstance(parsed, evolution.Ignored):
+        return _ignored(rt, inst, body, parsed)
+    if isinstance(parsed, evolution.Receipt):
+        return _receipt(rt, inst, body, parsed)
+    user_id, digits = _sender(rt, parsed)
     t_received += time.perf_counter() - t1
-    if ignore:
-        return jsonify(status="ignored", reason=ignore), 200
-    return _accept(rt, inst, fields, received_at, started, t_received, t_validated)
+    return _accept(rt, inst, parsed, user_id, digits, received_at, started, t_received, t_validated)
 
 
-def _accept(rt, inst, fields: dict, received_at: dt.datetime, started: float,
-            t_received: float, t_validated: float):
+def _ignored(rt, inst, body: dict, ignored: evolution.Ignored):
+    if rt.settings.enable_metrics:
+        metrics.WEBHOOK_IGNORED.labels(reason=ignored.reason).inc()
+    data = body.get("data")
+    key = data.get("key") if isinstance(data, dict) else None
+    msg_id = key.get("id") if isinstance(key, dict) else None
+    # A message left unanswered is worth a line an operator can find; other events are not.
+    level = logging.DEBUG if ignored.reason in ("event", "list_data", "receipt") else logging.INFO
+    log.log(level, "webhook ignored: %s", ignored.detail, extra={
+        "event": "webhook_ignored", "reason": ignored.reason, "instance": inst.name,
+        "message_id": msg_id if isinstance(msg_id, str) else None})
+    return jsonify(status="ignored", reason=ignored.reason, detail=ignored.detail), 200
+
+
+def _receipt(rt, inst, body: dict, receipt: evolution.Receipt):
+    if rt.writer is None:
+        return _ignored(rt, inst, body, evolution.Ignored("receipt", "tracing is off: receipts are not recorded"))
+    rt.writer.receipt(ReceiptRow(instance_id=inst.id, instance_name=inst.name,
+                                 reply_message_id=receipt.message_id, status=receipt.status,
+                                 at=utcnow()))
+    return jsonify(status="recorded", receipt=receipt.status), 200
+
+
+def _sender(rt, msg: evolution.Inbound) -> tuple[str, str]:
+    """(user_id, digits of the agent session) of a message, one per person across LID and phone."""
+    phone = msg.phone
+    if msg.lid is not None:
+        if phone is not None:
+            rt.contacts.learn(msg.lid, phone)
+        else:
+            phone = rt.contacts.phone_for(msg.lid)
+    if phone is not None:
+        return "whatsapp:+" + phone, phone
+    return "whatsapp:lid:" + msg.lid, msg.lid
+
+
+def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
+            received_at: dt.datetime, started: float, t_received: float, t_validated: float):
     settings = rt.settings
     pipeline = rt.pipeline
     if settings.enable_metrics:
         metrics.seed_instance(inst.name)
-    user_id = "whatsapp:+" + fields["digits"]
-    msg = Message(trace_id=new_trace_id(), instance=inst, user_id=user_id, digits=fields["digits"],
-                  text=fields["text"], received_at=received_at, started=started)
+    msg = Message(trace_id=new_trace_id(), instance=inst, user_id=user_id, digits=digits,
+                  text=inbound.text, received_at=received_at, started=started,
+                  reply_number=inbound.reply_number)
+    fields = {"message_id": inbound.message_id}
     pipeline.record_step(msg, "webhook_received", "success", t_received, emit=False)
     pipeline.record_step(msg, "instance_validated", "success", t_validated, emit=False)
 
@@ -176,7 +174,9 @@ def _accept(rt, inst, fields: dict, received_at: dt.datetime, started: float,
             row = NewTrace(trace_id=msg.trace_id, instance_id=inst.id, instance_name=inst.name,
                            message_id=fields["message_id"], user_id=user_id,
                            message_content=msg.text if settings.store_message_content else None,
-                           created_at=received_at, steps=list(msg.steps), owner=pipeline.owner)
+                           created_at=received_at, steps=list(msg.steps), owner=pipeline.owner,
+                           message_type=inbound.message_type, remote_jid=inbound.remote_jid,
+                           platform_timestamp=inbound.platform_ts)
             trace_id, inserted = rt.writer.insert(row).result(timeout=COMMIT_WAIT_S)
         else:
             trace_id, inserted = rt.recent_ids.claim(inst.id, fields["message_id"], msg.trace_id)
@@ -194,5 +194,8 @@ def _accept(rt, inst, fields: dict, received_at: dt.datetime, started: float,
                                               "instance": inst.name})
         return jsonify(status="duplicate", trace_id=str(trace_id)), 200
     pipeline.emit_steps(msg, {"webhook_received": t_received, "instance_validated": t_validated})
+    if settings.enable_metrics and inbound.platform_ts is not None:
+        lag = (received_at - inbound.platform_ts).total_seconds()
+        metrics.child(metrics.WEBHOOK_LAG, inst.name).observe(max(0.0, lag))
     pipeline.submit(msg)
     return jsonify(status="accepted", trace_id=str(msg.trace_id), instance=inst.name), 202

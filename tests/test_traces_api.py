@@ -25,7 +25,8 @@ INSTANCES = {"alpha": 1, "beta": 2, "gamma": 3}
 USERS = [f"whatsapp:+55155500000{i:02d}" for i in range(12)]
 TRACE_KEYS = {"trace_id", "instance_id", "instance_name", "user_id", "message_content",
               "response_content", "status", "duration_ms", "created_at", "updated_at",
-              "failed_step", "error_message", "steps"}
+              "failed_step", "error_message", "steps", "message_type", "remote_jid",
+              "platform_timestamp", "reply_message_id", "delivered_at", "read_at"}
 Z_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 
 psycopg2.extras.register_uuid()

@@ -129,7 +129,8 @@ def test_new_rows_and_final_states_go_in_one_statement(fresh_db):
         second = _row()
         result = store.write_batch(Spy(), [second, _row(first.message_id)], [_finished(first.trace_id)])
     assert len(statements) == 2  # the batch, then the lookup of the duplicate's original id
-    assert statements[0].startswith("WITH fin AS (UPDATE")
+    assert statements[0].startswith("WITH ")  # one statement: the final states and the new rows
+    assert "UPDATE message_trace" in statements[0] and "INSERT INTO message_trace" in statements[0]
     assert result[(1, second.message_id)] == (second.trace_id, True)
     assert result[(1, first.message_id)] == (first.trace_id, False)
     assert _status(db, first.trace_id) == "completed" and _status(db, second.trace_id) == "processing"
@@ -175,3 +176,83 @@ def test_a_refused_row_fails_alone(writer):
     assert [_status(db, t) for t in done] == ["processing", "completed", "completed"]
     assert failures() - before == 2  # the two refused rows, once each
     assert writer.pending == 0
+
+
+def _receipt(reply_id: str, status: str, at: dt.datetime | None = None):
+    from app.traces.store import ReceiptRow
+
+    return ReceiptRow(instance_id=1, instance_name="w", reply_message_id=reply_id, status=status,
+                      at=at or dt.datetime.now(dt.timezone.utc))
+
+
+def _reply(fresh_db, trace_id):
+    from tests.support import rows
+
+    return rows(fresh_db, """SELECT t.reply_message_id, r.trace_id, r.sent_at, r.delivered_at, r.read_at
+                             FROM message_trace t LEFT JOIN message_reply r
+                               ON r.instance_id = t.instance_id AND r.reply_message_id = t.reply_message_id
+                             WHERE t.trace_id = %s""", (str(trace_id),))[0]
+
+
+def _replied(row: NewTrace, reply_id: str) -> FinishedTrace:
+    now = dt.datetime.now(dt.timezone.utc)
+    return FinishedTrace(trace_id=row.trace_id, status="completed", duration_ms=5, response_content="ok",
+                         steps=[], failed_step=None, error_message=None, instance_id=1,
+                         reply_message_id=reply_id, sent_at=now)
+
+
+def test_a_receipt_before_the_final_state_still_lands_on_its_trace(writer, fresh_db):
+    """The receipt of a reply can overtake the batched final state that names the reply."""
+    from app.telemetry import metrics
+
+    row = _row()
+    writer.insert(row).result(timeout=10)
+    reply_id = "3EB0" + uuid.uuid4().hex[:16].upper()
+    early = dt.datetime.now(dt.timezone.utc)
+    delivered = metrics.REPLY_RECEIPT.labels(instance="w", status="delivered")
+    unknown = metrics.WEBHOOK_IGNORED.labels(reason="receipt_unknown")
+    count = lambda: sum(b.get() for b in delivered._buckets)  # noqa: E731
+    before, unknown_before = count(), unknown._value.get()
+    writer.receipt(_receipt(reply_id, "delivered", early))
+    assert writer.flush(5)
+    time.sleep(0.3)
+    writer.finish(_replied(row, reply_id))
+    writer.receipt(_receipt(reply_id, "read"))
+    assert writer.flush(5)
+    got = _reply(fresh_db, row.trace_id)
+    assert got[0] == reply_id and got[1] == row.trace_id and got[3] == early and got[4] is not None
+    # Looked up again after RECEIPT_RECHECK_S: it was ours after all, not an unknown receipt.
+    time.sleep(2.5)
+    assert unknown._value.get() == unknown_before
+    assert count() == before + 1
+
+
+def test_receipts_merge_earliest_wins_and_read_implies_delivered(writer, fresh_db):
+    row = _row()
+    writer.insert(row).result(timeout=10)
+    reply_id = "3EB0" + uuid.uuid4().hex[:16].upper()
+    writer.finish(_replied(row, reply_id))
+    assert writer.flush(5)
+    t0 = dt.datetime.now(dt.timezone.utc)
+    writer.receipt(_receipt(reply_id, "read", t0 + dt.timedelta(seconds=2)))
+    assert writer.flush(5)
+    got = _reply(fresh_db, row.trace_id)
+    assert got[3] == got[4] == t0 + dt.timedelta(seconds=2)  # READ alone: delivered then too
+    writer.receipt(_receipt(reply_id, "delivered", t0))
+    writer.receipt(_receipt(reply_id, "read", t0 + dt.timedelta(seconds=5)))
+    assert writer.flush(5)
+    got = _reply(fresh_db, row.trace_id)
+    assert got[3] == t0 and got[4] == t0 + dt.timedelta(seconds=2)
+
+
+def test_unknown_receipts_are_counted_once_after_a_second_look(writer):
+    from app.telemetry import metrics
+
+    unknown = metrics.WEBHOOK_IGNORED.labels(reason="receipt_unknown")
+    before = unknown._value.get()
+    for _ in range(3):
+        writer.receipt(_receipt("3EB0" + uuid.uuid4().hex[:16].upper(), "delivered"))
+    assert writer.flush(5)
+    assert unknown._value.get() == before
+    time.sleep(2.6)
+    assert unknown._value.get() == before + 3

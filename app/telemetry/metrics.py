@@ -28,6 +28,8 @@ from prometheus_client import (  # noqa: E402
 )
 from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
 
+from app.evolution import IGNORE_REASONS  # noqa: E402
+
 STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
 STEP_STATUSES = ("success", "failed")
 MESSAGE_STATUSES = ("completed", "failed", "error")
@@ -50,6 +52,11 @@ MESSAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 30,
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5,
                 6, 7, 8, 10, 15, 20, 30, 60, 120)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# WhatsApp -> Evolution -> us is normally sub-second; minutes or hours after an outage.
+LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+# Delivery takes a second or two; a read receipt comes when the person opens the chat.
+RECEIPT_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
+RECEIPT_STATUSES = ("delivered", "read")
 
 MESSAGES = Counter("omni_messages_total", "Messages that reached a final status.",
                    ["instance", "status"])
@@ -66,6 +73,14 @@ HTTP_DURATION = Histogram("omni_http_request_duration_seconds",
                           "HTTP requests served, by route template.",
                           ["method", "route", "status"], buckets=HTTP_BUCKETS)
 WEBHOOK_REJECTED = Counter("omni_webhook_rejected_total", "Webhooks refused, by reason.", ["reason"])
+WEBHOOK_IGNORED = Counter("omni_webhook_ignored_total",
+                          "Valid Evolution webhooks answered 200 ignored, by reason.", ["reason"])
+WEBHOOK_LAG = Histogram("omni_webhook_lag_seconds",
+                        "Arrival here minus WhatsApp's messageTimestamp, per accepted message.",
+                        ["instance"], buckets=LAG_BUCKETS)
+REPLY_RECEIPT = Histogram("omni_reply_receipt_seconds",
+                          "From our send of a reply to its delivery or read receipt.",
+                          ["instance", "status"], buckets=RECEIPT_BUCKETS)
 UPSTREAM_ERRORS = Counter("omni_upstream_errors_total", "Failed calls to a dependency.",
                           ["upstream", "reason"])
 AUTH_FAILURES = Counter("omni_auth_failures_total", "Failed authentications, by reason.", ["reason"])
@@ -103,6 +118,8 @@ def seed_static(version: str) -> None:
             UPSTREAM_ERRORS.labels(upstream=upstream, reason=reason)
     for reason in REJECT_REASONS:
         WEBHOOK_REJECTED.labels(reason=reason)
+    for reason in IGNORE_REASONS:
+        WEBHOOK_IGNORED.labels(reason=reason)
     for reason in AUTH_REASONS:
         AUTH_FAILURES.labels(reason=reason)
     LOG_RECORDS_DROPPED.inc(0)
@@ -139,6 +156,9 @@ def seed_instance(instance: str) -> None:
             for status in STEP_STATUSES:
                 STEP_DURATION.labels(instance=instance, step=step, status=status)
         AGENT_FIRST_CHUNK.labels(instance=instance)
+        WEBHOOK_LAG.labels(instance=instance)
+        for status in RECEIPT_STATUSES:
+            REPLY_RECEIPT.labels(instance=instance, status=status)
         _seeded.add(instance)
 
 

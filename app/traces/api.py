@@ -92,7 +92,8 @@ def _filters() -> TraceFilter:
         instance_name=parse_str("instance_name"), status=parse_str("status", TRACE_STATUSES),
         user_id=parse_str("user_id"), min_duration=parse_int("min_duration", 0, 2**31 - 1),
         max_duration=parse_int("max_duration", 0, 2**31 - 1), start_date=parse_date("start_date"),
-        end_date=parse_date("end_date"), failed_step=parse_str("failed_step", STEP_NAMES))
+        end_date=parse_date("end_date"), failed_step=parse_str("failed_step", STEP_NAMES),
+        message_type=parse_str("message_type"))
     return flt
 
 
@@ -118,9 +119,10 @@ def serialize(row: dict) -> dict:
     """A trace row as the API shows it."""
     out = dict(row)
     out["trace_id"] = str(row["trace_id"])
-    for key in ("created_at", "updated_at"):
-        out[key] = row[key].astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace(
-            "+00:00", "Z")
+    for key in ("created_at", "updated_at", "platform_timestamp", "delivered_at", "read_at"):
+        if row.get(key) is not None:
+            out[key] = row[key].astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z")
     return out
 
 

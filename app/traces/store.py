@@ -14,7 +14,13 @@ TRACE_STATUSES = ("processing", "completed", "failed", "error")
 PURGE_LOCK_ID = 72_011_002
 
 TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_content, response_content,
-    status, duration_ms, created_at, updated_at, steps, failed_step, error_message"""
+    status, duration_ms, created_at, updated_at, steps, failed_step, error_message,
+    message_type, remote_jid, platform_timestamp, reply_message_id, rc.delivered_at, rc.read_at"""
+# Receipts live in message_reply (sql/009); one primary-key probe per trace shown.
+TRACE_FROM = """message_trace LEFT JOIN LATERAL (
+        SELECT r.delivered_at, r.read_at FROM message_reply r
+        WHERE r.instance_id = message_trace.instance_id
+          AND r.reply_message_id = message_trace.reply_message_id) rc ON true"""
 
 
 # A batch travels as one jsonb array of positional rows, not as VALUES literals: one
@@ -22,18 +28,47 @@ TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_conten
 # bench/), and a short statement for PostgreSQL to parse whatever the batch size.
 _FINISH_SQL = """UPDATE message_trace t SET status = v.r->>1, duration_ms = (v.r->>2)::int,
         response_content = v.r->>3, steps = v.r->4, failed_step = v.r->>5,
-        error_message = v.r->>6, updated_at = (v.r->>7)::timestamptz
+        error_message = v.r->>6, updated_at = (v.r->>7)::timestamptz, reply_message_id = v.r->>8
     FROM jsonb_array_elements(%(fin)s::jsonb) AS v(r)
     WHERE t.trace_id = (v.r->>0)::uuid AND t.status = 'processing'"""
+# A reply's row is written with its final state; receipts that came first are already there.
+_REPLY_SQL = """INSERT INTO message_reply AS m (instance_id, reply_message_id, trace_id, sent_at)
+    SELECT (r->>9)::int, r->>8, (r->>0)::uuid, (r->>10)::timestamptz
+    FROM jsonb_array_elements(%(fin)s::jsonb) AS r WHERE r->>8 IS NOT NULL
+    ON CONFLICT (instance_id, reply_message_id) DO UPDATE
+        SET trace_id = EXCLUDED.trace_id, sent_at = EXCLUDED.sent_at"""
 _INSERT_SQL = """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id,
-        user_id, message_content, status, created_at, updated_at, steps, owner)
+        user_id, message_content, status, created_at, updated_at, steps, owner,
+        message_type, remote_jid, platform_timestamp)
     SELECT (r->>0)::uuid, (r->>1)::int, r->>2, r->>3, r->>4, r->>5, 'processing',
-           (r->>6)::timestamptz, (r->>6)::timestamptz, r->7, r->>8
+           (r->>6)::timestamptz, (r->>6)::timestamptz, r->7, r->>8,
+           r->>9, r->>10, (r->>11)::timestamptz
     FROM jsonb_array_elements(%(new)s::jsonb) AS r
     ON CONFLICT (instance_id, message_id) DO NOTHING
     RETURNING instance_id, message_id, trace_id"""
-_FINISH_AND_INSERT_SQL = ("WITH fin AS (" + _FINISH_SQL + " RETURNING 1), ins AS (" + _INSERT_SQL
+_FINISH_ONLY_SQL = "WITH rep AS (" + _REPLY_SQL + ") " + _FINISH_SQL
+_FINISH_AND_INSERT_SQL = ("WITH rep AS (" + _REPLY_SQL + "), fin AS (" + _FINISH_SQL
+                          + " RETURNING 1), ins AS (" + _INSERT_SQL
                           + ") SELECT instance_id, message_id, trace_id FROM ins")
+# Receipts of one batch, merged per reply: the earliest time of each kind wins, and a read
+# receipt implies delivery (WhatsApp may send READ alone).
+RECEIPTS_SQL = """WITH v AS (
+        SELECT (r->>0)::int AS instance_id, r->>1 AS reply_message_id,
+               min((r->>3)::timestamptz) FILTER (WHERE r->>2 = 'delivered') AS delivered_at,
+               min((r->>3)::timestamptz) FILTER (WHERE r->>2 = 'read') AS read_at
+        FROM jsonb_array_elements(%(rec)s::jsonb) AS r GROUP BY 1, 2)
+    INSERT INTO message_reply AS m (instance_id, reply_message_id, delivered_at, read_at)
+    SELECT instance_id, reply_message_id, COALESCE(delivered_at, read_at), read_at FROM v
+    ON CONFLICT (instance_id, reply_message_id) DO UPDATE
+        SET delivered_at = LEAST(m.delivered_at, EXCLUDED.delivered_at),
+            read_at = LEAST(m.read_at, EXCLUDED.read_at)
+    RETURNING instance_id, reply_message_id, trace_id, sent_at, delivered_at, read_at"""
+_DELETE_REPLIES_SQL = """DELETE FROM message_reply WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM message_reply WHERE created_at < %(cutoff)s LIMIT %(batch)s))"""
+REPLIES_SQL = """SELECT instance_id, reply_message_id, trace_id, sent_at, delivered_at, read_at
+    FROM message_reply
+    WHERE (instance_id, reply_message_id) IN (
+        SELECT (r->>0)::int, r->>1 FROM jsonb_array_elements(%(keys)s::jsonb) AS r)"""
 
 
 def rows_json(rows: list) -> str:
@@ -72,6 +107,9 @@ class NewTrace:
     created_at: dt.datetime
     steps: list[dict]
     owner: str
+    message_type: str | None = None
+    remote_jid: str | None = None
+    platform_timestamp: dt.datetime | None = None
 
 
 @dataclass
@@ -86,6 +124,20 @@ class FinishedTrace:
     failed_step: str | None
     error_message: str | None
     updated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    instance_id: int | None = None
+    reply_message_id: str | None = None
+    sent_at: dt.datetime | None = None
+
+
+@dataclass
+class ReceiptRow:
+    """A delivery or read receipt of a reply, as the webhook hands it to the writer."""
+
+    instance_id: int
+    instance_name: str
+    reply_message_id: str
+    status: str  # delivered | read
+    at: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -100,6 +152,7 @@ class TraceFilter:
     start_date: dt.datetime | None = None
     end_date: dt.datetime | None = None
     failed_step: str | None = None
+    message_type: str | None = None
 
 
 # Each filter is a fixed SQL fragment with a named parameter; values never enter the text.
@@ -112,6 +165,7 @@ _FILTER_SQL = {
     "start_date": "created_at >= %(start_date)s",
     "end_date": "created_at <= %(end_date)s",
     "failed_step": "failed_step = %(failed_step)s",
+    "message_type": "message_type = %(message_type)s",
 }
 
 
@@ -144,18 +198,21 @@ class TraceStore:
         if finished:
             params["fin"] = rows_json([
                 [str(r.trace_id), r.status, r.duration_ms, r.response_content, r.steps,
-                 r.failed_step, r.error_message, r.updated_at.isoformat()] for r in finished])
+                 r.failed_step, r.error_message, r.updated_at.isoformat(), r.reply_message_id,
+                 r.instance_id, r.sent_at.isoformat() if r.sent_at else None] for r in finished])
         if rows:
             params["new"] = rows_json([
                 [str(r.trace_id), r.instance_id, r.instance_name, r.message_id, r.user_id,
-                 r.message_content, r.created_at.isoformat(), r.steps, r.owner] for r in rows])
+                 r.message_content, r.created_at.isoformat(), r.steps, r.owner, r.message_type,
+                 r.remote_jid, r.platform_timestamp.isoformat() if r.platform_timestamp else None]
+                for r in rows])
         if not params:
             return {}
         if len(params) == 2:
             # Data-modifying CTEs: both in one statement, so in one transaction.
             cur.execute(_FINISH_AND_INSERT_SQL, params)
         else:
-            cur.execute(_FINISH_SQL if finished else _INSERT_SQL, params)
+            cur.execute(_FINISH_ONLY_SQL if finished else _INSERT_SQL, params)
         if not rows:
             return {}
         result = {(row[0], row[1]): (row[2], True) for row in cur.fetchall()}
@@ -179,6 +236,20 @@ class TraceStore:
     def finish(cur: Any, rows: list[FinishedTrace]) -> None:
         """Write final states; rows already finalised (e.g. by a sweep) are left alone."""
         TraceStore.write_batch(cur, [], rows)
+
+    @staticmethod
+    def write_receipts(cur: Any, receipts: list[ReceiptRow]) -> list[tuple]:
+        """Merge receipts into their replies' rows; return (instance_id, reply id, trace_id,
+        sent_at, delivered_at, read_at) of every row touched (trace_id None: not known yet)."""
+        cur.execute(RECEIPTS_SQL, {"rec": rows_json([
+            [r.instance_id, r.reply_message_id, r.status, r.at.isoformat()] for r in receipts])})
+        return cur.fetchall()
+
+    @staticmethod
+    def replies(cur: Any, keys: list[tuple[int, str]]) -> list[tuple]:
+        """The rows of these (instance_id, reply id) keys, in write_receipts' shape."""
+        cur.execute(REPLIES_SQL, {"keys": rows_json([list(k) for k in keys])})
+        return cur.fetchall()
 
     # --- recovery ------------------------------------------------------------------------
 
@@ -214,7 +285,7 @@ class TraceStore:
 
     def get(self, trace_id: uuid.UUID) -> dict | None:
         """One trace by id."""
-        return self.db.fetchone(f"SELECT {TRACE_COLUMNS} FROM message_trace WHERE trace_id = %(id)s",
+        return self.db.fetchone(f"SELECT {TRACE_COLUMNS} FROM {TRACE_FROM} WHERE trace_id = %(id)s",
                                 {"id": trace_id})
 
     def list(self, flt: TraceFilter, limit: int,
@@ -226,7 +297,7 @@ class TraceStore:
             params.update(after_at=after[0], after_id=after[1])
         params["limit"] = limit
         return self.db.fetchall(
-            f"SELECT {TRACE_COLUMNS} FROM message_trace{where}"
+            f"SELECT {TRACE_COLUMNS} FROM {TRACE_FROM}{where}"
             " ORDER BY created_at DESC, trace_id DESC LIMIT %(limit)s", params)
 
     def count_older_than(self, cutoff: dt.datetime) -> int:
@@ -260,11 +331,23 @@ class TraceStore:
                 cur.execute("SELECT trace_rollup_forget_before(%(cutoff)s)", {"cutoff": whole_hours})
                 conn.commit()
                 total += self._delete_batches(conn, cur, cutoff, batch)
+                self._delete_replies(conn, cur, cutoff, batch)
                 return total
             finally:
                 if exclusive and not conn.closed:
                     conn.rollback()
                     cur.execute("SELECT pg_advisory_unlock(%(id)s)", {"id": PURGE_LOCK_ID})
+
+    @staticmethod
+    def _delete_replies(conn: Any, cur: Any, cutoff: dt.datetime, batch: int) -> None:
+        # Replies and receipts expire with the traces they belong to (and unknown receipts
+        # with them); no trigger and no rollup here, so plain bounded batches.
+        while True:
+            cur.execute(_DELETE_REPLIES_SQL, {"cutoff": cutoff, "batch": batch})
+            n = cur.rowcount
+            conn.commit()
+            if n < batch:
+                return
 
     @staticmethod
     def _delete_batches(conn: Any, cur: Any, cutoff: dt.datetime, batch: int, *,

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 
 from app.db import Database, DatabaseError, DatabaseUnavailable, RowRejected
 from app.telemetry import metrics
-from app.traces.store import FinishedTrace, NewTrace, TraceStore
+from app.traces.store import FinishedTrace, NewTrace, ReceiptRow, TraceStore
 
 log = logging.getLogger("omni.traces")
 
@@ -32,14 +32,22 @@ MAX_PENDING_FINISH = 100_000
 # ~680 us riding along with the inserts, ~500 us in 50 ms batches, ~410 us in 0.5 s
 # batches; bench/). 0.1 s is far below what a user polling the trace API notices.
 FINISH_LINGER_S = 0.1
+# A receipt can overtake the final state naming its reply (batched above, possibly in another
+# worker): one that matches no reply is looked up once more this much later before it
+# counts as a receipt for a message we did not send. Its row is kept either way, so the
+# trace shows it whenever the reply's row arrives.
+RECEIPT_RECHECK_S = 2.0
 
 
 class TraceWriter:
     """Batches inserts (waited for) and final updates (fire and forget) in one thread."""
 
-    def __init__(self, db: Database, store: TraceStore) -> None:
+    def __init__(self, db: Database, store: TraceStore, metrics_on: bool = True) -> None:
         self.db = db
         self.store = store
+        self.metrics_on = metrics_on
+        self._receipts: collections.deque[ReceiptRow] = collections.deque()
+        self._recheck: collections.deque[tuple[float, ReceiptRow]] = collections.deque()
         self._cond = threading.Condition()
         self._inserts: list[tuple[NewTrace, Future]] = []
         self._finishes: collections.deque[FinishedTrace] = collections.deque()
@@ -80,11 +88,22 @@ class TraceWriter:
             if len(self._finishes) == MAX_BATCH:
                 self._cond.notify()
 
+    def receipt(self, row: ReceiptRow) -> None:
+        """Queue a delivery or read receipt; written with the next final states."""
+        with self._cond:
+            if len(self._receipts) >= MAX_PENDING_FINISH:
+                self._receipts.popleft()
+                metrics.UPSTREAM_ERRORS.labels(upstream="database", reason="write_failed").inc()
+            if not self._finishes and not self._receipts:
+                self._finish_since = time.monotonic()
+                self._cond.notify()
+            self._receipts.append(row)
+
     @property
     def pending(self) -> int:
         """Rows not yet committed (queued or in the transaction being written)."""
         with self._cond:
-            return len(self._inserts) + len(self._finishes) + self._writing
+            return len(self._inserts) + len(self._finishes) + len(self._receipts) + self._writing
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued is written; False if that took too long."""
@@ -113,11 +132,12 @@ class TraceWriter:
 
     def _finishes_due_at(self) -> float:
         """Monotonic time at which queued final states must be written (inf: none queued)."""
-        if not self._finishes:
-            return float("inf")
+        recheck = self._recheck[0][0] if self._recheck else float("inf")
+        if not self._finishes and not self._receipts:
+            return recheck
         due = self._finish_since + (0.0 if len(self._finishes) >= MAX_BATCH or self._flushing
                                     else FINISH_LINGER_S)
-        return max(due, self._retry_at)
+        return min(max(due, self._retry_at), recheck)
 
     def _run(self) -> None:
         while True:
@@ -130,11 +150,21 @@ class TraceWriter:
                 if self._stopping and not self._inserts:
                     return
                 inserts, self._inserts = self._inserts[:MAX_BATCH], self._inserts[MAX_BATCH:]
+                now = time.monotonic()
+                due = now >= self._finishes_due_at()
                 finishes = [self._finishes.popleft() for _ in range(min(MAX_BATCH, len(self._finishes)))] \
-                    if time.monotonic() >= self._finishes_due_at() else []
-                self._writing = len(inserts) + len(finishes)
+                    if due else []
+                receipts = [self._receipts.popleft() for _ in range(min(MAX_BATCH, len(self._receipts)))] \
+                    if due and now >= self._retry_at else []
+                recheck = []
+                while self._recheck and self._recheck[0][0] <= now and len(recheck) < MAX_BATCH:
+                    recheck.append(self._recheck.popleft()[1])
+                self._writing = len(inserts) + len(finishes) + len(receipts)
             try:
                 self._write(inserts, finishes)
+                # After the final states: a receipt for a reply finished in this batch matches.
+                if receipts or recheck:
+                    self._write_receipts(receipts, recheck)
             finally:
                 with self._cond:
                     self._writing = 0
@@ -179,6 +209,47 @@ class TraceWriter:
             trace_id, _ = result.get((row.instance_id, row.message_id), (row.trace_id, True))
             # Duplicates inside one batch share a key: only the row whose id won was inserted.
             fut.set_result((trace_id, trace_id == row.trace_id))
+
+
+    def _write_receipts(self, receipts: list[ReceiptRow], recheck: list[ReceiptRow]) -> None:
+        try:
+            with self.db.cursor(dict_rows=False, autocommit=True) as cur:
+                rows = self.store.write_receipts(cur, receipts) if receipts else []
+                if recheck:
+                    rows += self.store.replies(cur, sorted({(r.instance_id, r.reply_message_id)
+                                                             for r in recheck}))
+        except Exception as exc:  # noqa: BLE001 - this thread must survive
+            reason = "unavailable" if isinstance(exc, DatabaseUnavailable) else "write_failed"
+            metrics.UPSTREAM_ERRORS.labels(upstream="database", reason=reason).inc()
+            log.error("receipt write failed", extra={"event": "receipt_write_failed", "error": str(exc)})
+            if isinstance(exc, DatabaseUnavailable) or (
+                    isinstance(exc, DatabaseError) and not isinstance(exc, RowRejected)):
+                with self._cond:
+                    self._receipts.extendleft(reversed(receipts))
+                    self._recheck.extendleft((0.0, r) for r in reversed(recheck))
+                self._retry_at = time.monotonic() + 1.0
+            return
+        by_key = {(row[0], row[1]): row for row in rows}
+        later = time.monotonic() + RECEIPT_RECHECK_S
+        second_look = {id(r) for r in recheck}
+        for receipt in receipts + recheck:
+            row = by_key.get((receipt.instance_id, receipt.reply_message_id))
+            if row is not None and row[2] is not None:
+                self._observe(receipt, row)
+            elif id(receipt) in second_look:
+                if self.metrics_on:
+                    metrics.WEBHOOK_IGNORED.labels(reason="receipt_unknown").inc()
+            else:
+                with self._cond:
+                    self._recheck.append((later, receipt))
+
+    def _observe(self, receipt: ReceiptRow, row: tuple) -> None:
+        """Receipt latency, once per reply and kind: only the receipt that set the time counts."""
+        sent_at, delivered_at, read_at = row[3], row[4], row[5]
+        first = delivered_at if receipt.status == "delivered" else read_at
+        if self.metrics_on and sent_at is not None and first == receipt.at:
+            metrics.child(metrics.REPLY_RECEIPT, receipt.instance_name, receipt.status).observe(
+                max(0.0, (receipt.at - sent_at).total_seconds()))
 
 
 def new_trace_id() -> uuid.UUID:

@@ -1,0 +1,219 @@
+"""Real Evolution API 2.2-2.3 traffic: the fixture corpus in tests/fixtures/evolution.
+
+Each fixture is one shape Evolution sends (built from its source and from payloads its users
+reported), with the answer and trace fields it must produce. The corpus runs twice: against
+the parser alone (fast), and against gunicorn (2 workers), PostgreSQL and the sandbox.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from app import evolution
+from tests.support import metric, parse_metrics, rows
+
+FIXTURES = sorted((Path(__file__).parent / "fixtures" / "evolution").glob("*.json"))
+CORPUS = {p.stem: json.loads(p.read_text()) for p in FIXTURES}
+TRACE_FIELDS = ("user_id", "message_type", "remote_jid", "message_content", "platform_timestamp")
+
+
+def test_corpus_covers_every_answer_and_reason():
+    answers = {f["expect"]["status"] if "status" in f["expect"] else f["expect"]["http"]
+               for f in CORPUS.values()}
+    assert answers >= {"accepted", "ignored", "recorded", 400}
+    reasons = {f["expect"].get("reason") for f in CORPUS.values()} - {None}
+    # Every reason the parser can give has a real payload behind it.
+    parser_reasons = set(evolution.IGNORE_REASONS) - {"receipt_unknown", "unsupported_jid"}
+    assert parser_reasons - reasons == set()
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_parser_reads_each_shape(name):
+    fixture = CORPUS[name]
+    body, expect = fixture["webhook"], fixture["expect"]
+    if expect["http"] == 400:
+        with pytest.raises(evolution.Malformed, match=expect["error_contains"].replace(".", r"\.")):
+            evolution.read_webhook(body)
+        return
+    got = evolution.read_webhook(body)
+    if expect["status"] == "ignored":
+        assert isinstance(got, evolution.Ignored) and got.reason == expect["reason"], got
+    elif expect["status"] == "recorded":
+        assert got == evolution.Receipt(message_id=body["data"]["keyId"], status=expect["receipt"])
+    else:
+        assert isinstance(got, evolution.Inbound), got
+        if "reply_number" in expect and "lid:" not in expect.get("user_id", ""):
+            assert got.reply_number == expect["reply_number"]
+        if "message_content" in expect:
+            assert got.text == expect["message_content"]
+        if "message_type" in expect:
+            assert got.message_type == expect["message_type"]
+
+
+def test_platform_time_forms():
+    at = "2025-12-19T10:30:00+00:00"
+    for value in (1766140200, "1766140200", 1766140200000, {"low": 1766140200, "high": 0, "unsigned": False},
+                  1766140200.0):
+        assert evolution.platform_time(value).isoformat() == at, value
+    for value in (None, True, "soon", {"low": "x"}, -5, 0, 10**15, float("nan"), [1]):
+        assert evolution.platform_time(value) is None, value
+    # A Long whose low word has the sign bit set (after 2038) is unsigned arithmetic, not negative.
+    assert evolution.platform_time({"low": -2, "high": 0, "unsigned": False}) is None
+    assert evolution.normalize_event("MESSAGES_UPSERT") == evolution.normalize_event("messages-upsert") \
+        == "messages.upsert"
+
+
+def _post(service, body, instance="evo", suffix=""):
+    return requests.post(f"{service.url}/webhook/evolution/{instance}{suffix}", json=body, timeout=15)
+
+
+def _fresh(body):
+    """The fixture's envelope with a message id of its own (the corpus runs more than once)."""
+    body = copy.deepcopy(body)
+    data = body.get("data")
+    if isinstance(data, dict) and isinstance(data.get("key"), dict) and "id" in data["key"]:
+        data["key"]["id"] = "3EB0" + uuid.uuid4().hex[:16].upper()
+    return body
+
+
+def _sent_to(service, text: str) -> dict:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [s for s in service.sandbox.sent() if s.get("text") == text and s.get("instance") == "evo"]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"nothing sent with text {text!r}")
+
+
+@pytest.fixture(scope="module")
+def evo(service):
+    service.ensure_instance("evo", service.sandbox.url)
+    return service
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_service_answers_each_shape(evo, name):
+    fixture = CORPUS[name]
+    expect = fixture["expect"]
+    body = _fresh(fixture["webhook"])
+    ignored_before = metric(parse_metrics(evo.metrics_text()), "omni_webhook_ignored_total",
+                            reason=expect.get("reason") or expect.get("later_ignored") or "event")
+    r = _post(evo, body)
+    assert r.status_code == expect["http"], r.text
+    answer = r.json()
+    if expect["http"] == 400:
+        assert expect["error_contains"] in answer["error"]
+        return
+    assert answer["status"] == expect["status"], answer
+    if expect["status"] == "ignored":
+        assert answer["reason"] == expect["reason"] and answer["detail"]
+        after = metric(parse_metrics(evo.metrics_text()), "omni_webhook_ignored_total", reason=expect["reason"])
+        assert after == ignored_before + 1
+        key = body["data"].get("key", {}) if isinstance(body.get("data"), dict) else {}
+        if key.get("id"):
+            assert rows(evo.database_url, "SELECT count(*) FROM message_trace WHERE message_id = %s",
+                        (key["id"],))[0][0] == 0
+        return
+    if expect["status"] == "recorded":
+        assert answer["receipt"] == expect["receipt"]
+        deadline = time.monotonic() + 10
+        while metric(parse_metrics(evo.metrics_text()), "omni_webhook_ignored_total",
+                     reason=expect["later_ignored"]) < ignored_before + 1:
+            assert time.monotonic() < deadline, "an unknown receipt was never counted"
+            time.sleep(0.2)
+        return
+    trace = evo.wait_final(answer["trace_id"])
+    assert trace["status"] == "completed", trace
+    for field in TRACE_FIELDS:
+        if field in expect:
+            assert trace[field] == expect[field], (field, trace[field])
+    assert trace["remote_jid"] == body["data"]["key"]["remoteJid"]
+    assert trace["reply_message_id"], trace
+    sent = _sent_to(evo, trace["response_content"])
+    if "reply_number" in expect:
+        assert sent["number"] == expect["reply_number"]
+    assert sent["message_id"] == trace["reply_message_id"]
+
+
+def test_by_events_urls_are_the_same_endpoint(evo):
+    body = _fresh(CORPUS["lid_with_remotejidalt"]["webhook"])
+    r = _post(evo, body, suffix="/messages-upsert")
+    assert r.status_code == 202, r.text
+    assert _post(evo, body, suffix="/messages-upsert").json()["status"] == "duplicate"
+    for suffix in ("/messages-update", "/connection-update", "/contacts-update"):
+        r = _post(evo, CORPUS["connection_update"]["webhook"], suffix=suffix)
+        assert r.status_code == 200 and r.json()["reason"] == "event", r.text
+    assert _post(evo, {"event": "messages.upsert"}, suffix="/messages-upsert").status_code == 400
+    assert _post(evo, body, instance="nope", suffix="/messages-upsert").status_code == 404
+
+
+def test_one_person_one_user_id_across_lid_and_phone(evo):
+    """A LID seen once with its phone keeps that phone: later LID-only messages (on either
+    worker) get the phone user_id, and are still answered at the LID."""
+    lid, phone = "1" + uuid.uuid4().int.__str__()[:14], "55119" + uuid.uuid4().int.__str__()[:8]
+    first = _fresh(CORPUS["lid_with_remotejidalt"]["webhook"])
+    first["data"]["key"].update(remoteJid=f"{lid}@lid", remoteJidAlt=f"{phone}@s.whatsapp.net")
+    before = _fresh(CORPUS["lid_only"]["webhook"])
+    before["data"]["key"]["remoteJid"] = f"{lid}9@lid"  # another LID: never seen with a phone
+    assert evo.wait_final(_post(evo, before).json()["trace_id"])["user_id"] == f"whatsapp:lid:{lid}9"
+    assert evo.wait_final(_post(evo, first).json()["trace_id"])["user_id"] == f"whatsapp:+{phone}"
+    for _ in range(6):  # both workers: the mapping is in the database, not one worker's memory
+        later = _fresh(CORPUS["lid_only"]["webhook"])
+        later["data"]["key"]["remoteJid"] = f"{lid}@lid"
+        later["data"]["message"] = {"conversation": "again " + uuid.uuid4().hex}
+        trace = evo.wait_final(_post(evo, later).json()["trace_id"])
+        assert trace["user_id"] == f"whatsapp:+{phone}" and trace["remote_jid"] == f"{lid}@lid"
+        assert _sent_to(evo, trace["response_content"])["number"] == f"{lid}@lid"
+    r = evo.api("GET", "/api/v1/traces", params={"user_id": f"whatsapp:+{phone}", "limit": 100})
+    assert len(r.json()) == 7
+
+
+def test_message_type_filter(evo):
+    body = _fresh(CORPUS["video_caption"]["webhook"])
+    trace_id = _post(evo, body).json()["trace_id"]
+    evo.wait_final(trace_id)
+    r = evo.api("GET", "/api/v1/traces", params={"message_type": "videoMessage", "limit": 1000})
+    assert r.status_code == 200 and r.json()
+    assert {t["message_type"] for t in r.json()} == {"videoMessage"}
+    assert trace_id in {t["trace_id"] for t in r.json()}
+    assert evo.api("GET", "/api/v1/traces", params={"message_type": ""}).status_code == 400
+
+
+def _receipt(key_id: str, status: str) -> dict:
+    body = copy.deepcopy(CORPUS["receipt_unknown_reply"]["webhook"])
+    body["data"].update(keyId=key_id, status=status)
+    return body
+
+
+def test_receipts_land_on_the_reply_trace_and_are_measured(evo):
+    trace = evo.wait_final(_post(evo, _fresh(CORPUS["phone_jid_conversation"]["webhook"])).json()["trace_id"])
+    reply_id = trace["reply_message_id"]
+    assert trace["delivered_at"] is None and trace["read_at"] is None
+    count = lambda status: metric(parse_metrics(evo.metrics_text()),  # noqa: E731
+                                  "omni_reply_receipt_seconds_count", instance="evo", status=status)
+    delivered, read = count("delivered"), count("read")
+    r = _post(evo, _receipt(reply_id, "DELIVERY_ACK"), suffix="/messages-update")
+    assert r.status_code == 200 and r.json() == {"status": "recorded", "receipt": "delivered"}
+    deadline = time.monotonic() + 10
+    while (got := evo.api("GET", f"/api/v1/traces/{trace['trace_id']}").json())["delivered_at"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert got["read_at"] is None and got["delivered_at"] >= trace["updated_at"]
+    assert _post(evo, _receipt(reply_id, "READ")).json()["receipt"] == "read"
+    while (got2 := evo.api("GET", f"/api/v1/traces/{trace['trace_id']}").json())["read_at"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert got2["delivered_at"] == got["delivered_at"] and got2["read_at"] >= got["delivered_at"]
+    # The same receipt again (Evolution resends after a reconnect) changes nothing.
+    _post(evo, _receipt(reply_id, "DELIVERY_ACK"))
+    time.sleep(0.5)
+    assert evo.api("GET", f"/api/v1/traces/{trace['trace_id']}").json()["delivered_at"] == got["delivered_at"]
+    assert count("delivered") == delivered + 1 and count("read") == read + 1
+    assert metric(parse_metrics(evo.metrics_text()), "omni_webhook_lag_seconds_count", instance="evo") > 0
