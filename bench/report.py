@@ -133,6 +133,18 @@ def markdown(r: dict) -> str:
         lines += ["", "## Analytics (ms over HTTP)", "", "| case | median | max | traces |", "|---|---|---|---|"]
         for k, v in ana.items():
             lines.append(f"| {k} | {_fmt(v['median_ms'])} | {_fmt(v['max_ms'])} | {_fmt(v['total'])} |")
+    rc = r.get("receipts")
+    if rc:
+        lines += ["", f"## Evolution fields, replies and receipts ({rc['messages']:,} messages, batches of "
+                  f"{rc['batch']}; CPU µs per message or receipt)", "", "| write | PostgreSQL µs |", "|---|---|"]
+        for key, label in (("per_insert_without_new_fields", "new trace row, without the Evolution fields"),
+                           ("per_insert_with_new_fields", "new trace row, with message_type, remote_jid, platform_timestamp"),
+                           ("per_final_without_reply", "final state, no reply id"),
+                           ("per_final_with_reply", "final state with reply id and its message_reply row"),
+                           ("per_receipt", "one receipt (two per reply: delivered, read)")):
+            lines.append(f"| {label} | {_fmt(rc.get('pg_us_' + key))} |")
+        lines.append(f"
+Worker CPU to parse a receipt webhook and queue it: {rc['worker_us_per_receipt_parse']} µs.")
     mem = _get(r, "latency", "memory", "workers")
     if mem:
         lines += ["", "## Worker memory (RSS MB)", "", "| worker | first | last | max | slope MB/min |",

@@ -22,7 +22,7 @@ import psutil
 import psycopg2
 import requests
 
-from bench import load, machine, profile, stack, traces
+from bench import load, machine, profile, receipts, stack, traces
 from bench.report import markdown, targets
 from tests.support import parse_metrics, metric
 
@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 FULL = dict(tp_repeats=5, tp_seconds=4, warmup_seconds=2, profile_seconds=5, layer_repeats=2, layer_seconds=4,
             layer_delay_ms=100,
             lat_seconds=600, lat_rate=100, mem_sample_s=5,
-            traces=1_000_000, first_samples=60, walks=4, pages=10, analytics_repeats=3)
+            traces=1_000_000, first_samples=60, walks=4, pages=10, analytics_repeats=3, receipt_messages=20_000)
 QUICK = dict(tp_repeats=1, tp_seconds=2, warmup_seconds=1, profile_seconds=2, layer_repeats=1, layer_seconds=1,
              layer_delay_ms=100,
              lat_seconds=6, lat_rate=100, mem_sample_s=1,
-             traces=20_000, first_samples=20, walks=2, pages=10, analytics_repeats=2)
+             traces=20_000, first_samples=20, walks=2, pages=10, analytics_repeats=2, receipt_messages=2_000)
 
 
 # Saturation needs more open webhooks than an all-off worker: with tracing on each 202 waits
@@ -438,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             box.stop()
 
         for name, func in (("latency", lambda: latency_memory(pg, loki, cfg)),
-                           ("trace_store", lambda: trace_store(pg, cfg))):
+                           ("trace_store", lambda: trace_store(pg, cfg)),
+                           ("receipts", lambda: receipts.receipt_cost(pg, cfg["receipt_messages"]))):
             log(name)
             try:
                 results[name] = func()

@@ -53,6 +53,9 @@ def test_bench_quick_writes_every_figure(bench_run):
     assert all(v["first_p99_ms"] > 0 for v in result["trace_store"]["list"]["variants"])
     assert result["trace_store"]["retention"]["deleted"] > 0
     assert "analytics" in result["trace_store"]
+    rc = result["receipts"]
+    assert rc["replies_read"] == rc["messages"]  # every reply got its row and both receipts
+    assert all(rc[k] is not None for k in rc if k.startswith("pg_us_"))
     # The Markdown table carries every figure and the machine.
     md = mds[0].read_text()
     assert "| figure | value | target | met |" in md and result["machine"]["cpu"] in md
