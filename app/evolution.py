@@ -113,6 +113,8 @@ def _read_upsert(data: Any) -> Inbound | Ignored:
     if not isinstance(key, dict):
         raise Malformed("missing field: data.key" if key is None else "wrong type for field: data.key")
     jid = _required_str(key, "remoteJid", "data.key.remoteJid")
+    if "@" not in jid:  # every address Evolution sends is a JID: user@server
+        raise Malformed("data.key.remoteJid is not a WhatsApp JID (user@server)")
     msg_id = _required_str(key, "id", "data.key.id")
     if len(msg_id) > 128:
         raise Malformed("data.key.id must be 1 to 128 characters")
@@ -206,7 +208,7 @@ def _address(jid: str, key: dict, data: dict) -> tuple[str | None, str | None]:
     remoteJidAlt (Baileys 7) or senderPn (earlier builds); builds that swap them back put
     the phone in remoteJid and the LID in remoteJidAlt or senderLid.
     """
-    if "@" not in jid or (_lid(jid) is None and _phone(jid) is None):
+    if _lid(jid) is None and _phone(jid) is None:
         return None, None
     alts = (key.get("remoteJidAlt"), key.get("senderPn"), data.get("senderPn"))
     phone = _phone(jid) or next((p for p in map(_phone, alts) if p), None)

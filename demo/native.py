@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         box_env = {**env, "SANDBOX_HOST": "127.0.0.1", "SANDBOX_PORT": str(args.sandbox_port),
                    "SANDBOX_LATENCY_MEDIAN_MS": args.latency_median_ms,
                    "SANDBOX_SLOW_RATE": os.environ.get("SANDBOX_SLOW_RATE", "0.02"),
-                   "SANDBOX_FAIL_RATE": os.environ.get("SANDBOX_FAIL_RATE", "0.03")}
+                   "SANDBOX_FAIL_RATE": os.environ.get("SANDBOX_FAIL_RATE", "0.03"),
+                   # Delivery and read receipts back to the gateway, as Evolution sends them.
+                   "SANDBOX_WEBHOOK_URL": os.environ.get(
+                       "SANDBOX_WEBHOOK_URL", f"http://127.0.0.1:{args.port}/webhook/evolution")}
         procs.append(_start([sys.executable, "-m", "demo.sandbox"], box_env, run_dir / "sandbox.log"))
         wait_http(sandbox_url + "/health", proc=procs[-1])
         procs.append(_start([str(BIN / "gunicorn"), "-c", "app/gunicorn.conf.py", "app:create_app()"],

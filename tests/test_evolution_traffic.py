@@ -29,7 +29,7 @@ def test_corpus_covers_every_answer_and_reason():
     assert answers >= {"accepted", "ignored", "recorded", 400}
     reasons = {f["expect"].get("reason") for f in CORPUS.values()} - {None}
     # Every reason the parser can give has a real payload behind it.
-    parser_reasons = set(evolution.IGNORE_REASONS) - {"receipt_unknown", "unsupported_jid"}
+    parser_reasons = set(evolution.IGNORE_REASONS) - {"receipt_unknown"}
     assert parser_reasons - reasons == set()
 
 

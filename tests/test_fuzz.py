@@ -52,7 +52,7 @@ def _schemathesis(svc, tmp_path: Path, label: str, headers: list[str]) -> dict:
     data = json.loads(Path(files[0]).read_text())
     assert proc.returncode == 0 and not data["failures"] and not data["errors"], \
         proc.stdout[-8000:]
-    assert data["operations"]["tested"] == data["operations"]["total"] == 12
+    assert data["operations"]["tested"] == data["operations"]["total"] == 13
     return data
 
 
@@ -81,7 +81,7 @@ SQLI = ["' OR '1'='1", "'; DROP TABLE message_trace; --", "1; DELETE FROM instan
         "\" OR \"\"=\"", "bot' UNION SELECT * FROM instance --", "%' OR 1=1 --",
         "1)) OR pg_sleep(5) --", "$$; DROP TABLE instance; $$", "\\x27 OR 1=1"]
 TRACE_FILTERS = ["instance_name", "status", "user_id", "min_duration", "max_duration",
-                 "start_date", "end_date", "failed_step", "limit", "cursor"]
+                 "start_date", "end_date", "failed_step", "message_type", "limit", "cursor"]
 ANALYTICS_FILTERS = ["start_date", "end_date", "instance_name", "interval", "top"]
 
 
