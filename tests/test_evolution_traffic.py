@@ -217,3 +217,37 @@ def test_receipts_land_on_the_reply_trace_and_are_measured(evo):
     assert evo.api("GET", f"/api/v1/traces/{trace['trace_id']}").json()["delivered_at"] == got["delivered_at"]
     assert count("delivered") == delivered + 1 and count("read") == read + 1
     assert metric(parse_metrics(evo.metrics_text()), "omni_webhook_lag_seconds_count", instance="evo") > 0
+
+
+def test_sandbox_receipts_round_trip(pg):
+    """The demo peer sends DELIVERY_ACK then READ for each reply, like Evolution; the trace
+    gets delivered_at, then read_at."""
+    from tests.support import Sandbox, Service, migrate
+
+    url = pg.create_database()
+    migrate(url)
+    svc = Service(url, {})
+    box = Sandbox(SANDBOX_WEBHOOK_URL=f"{svc.url}/webhook/evolution", SANDBOX_RECEIPT_DELAY_MS="200",
+                  SANDBOX_READ_DELAY_MS="600", SANDBOX_RECEIPT_SHARE="1", SANDBOX_READ_SHARE="1")
+    try:
+        svc.start()
+        svc.ensure_instance("evo", box.url)
+        svc.sandbox = box
+        body = _fresh(CORPUS["lid_with_remotejidalt"]["webhook"])
+        trace_id = _post(svc, body).json()["trace_id"]
+        seen = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            t = svc.api("GET", f"/api/v1/traces/{trace_id}").json()
+            seen.append((t["delivered_at"], t["read_at"]))
+            if t["read_at"]:
+                break
+            time.sleep(0.05)
+        assert t["read_at"] and t["delivered_at"] and t["delivered_at"] < t["read_at"], t
+        assert any(d and not r for d, r in seen), "never delivered before read"
+        samples = parse_metrics(svc.metrics_text())
+        for status in ("delivered", "read"):
+            assert metric(samples, "omni_reply_receipt_seconds_count", instance="evo", status=status) == 1
+    finally:
+        svc.stop()
+        box.stop()
