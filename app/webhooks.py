@@ -171,16 +171,27 @@ def _accept(rt, inst, fields: dict, received_at: dt.datetime, started: float,
     if not pipeline.try_reserve(settings.overload_wait_s):
         raise _reject(503, "overloaded", "service overloaded; retry later",
                       headers={"Retry-After": RETRY_AFTER_BUSY}, level=logging.WARNING, instance=inst.name)
+    timings = {"webhook_received": t_received, "instance_validated": t_validated}
+    pending = None
     try:
         if rt.writer is not None:
             row = NewTrace(trace_id=msg.trace_id, instance_id=inst.id, instance_name=inst.name,
                            message_id=fields["message_id"], user_id=user_id,
                            message_content=msg.text if settings.store_message_content else None,
                            created_at=received_at, steps=list(msg.steps), owner=pipeline.owner)
-            trace_id, inserted = rt.writer.insert(row).result(timeout=COMMIT_WAIT_S)
+            pending = rt.writer.insert(row)
+            trace_id, inserted = pending.result(timeout=COMMIT_WAIT_S)
         else:
             trace_id, inserted = rt.recent_ids.claim(inst.id, fields["message_id"], msg.trace_id)
-    except (DatabaseUnavailable, FutureTimeout):
+    except FutureTimeout:
+        # The insert is still queued or running and may yet commit. If it does, the row
+        # exists and every redelivery will be answered `duplicate`, so this worker must
+        # process it then: the slot stays reserved for it until the insert's outcome is known.
+        pending.add_done_callback(lambda fut: _late_commit(pipeline, msg, timings, fut))
+        raise _reject(503, "database_unavailable", "database too slow; the message was not "
+                      "recorded yet, retry later", headers={"Retry-After": RETRY_AFTER_DB},
+                      level=logging.ERROR, instance=inst.name) from None
+    except DatabaseUnavailable:
         pipeline.release()
         raise _reject(503, "database_unavailable", "database unavailable; the message was not "
                       "recorded, retry later", headers={"Retry-After": RETRY_AFTER_DB},
@@ -193,6 +204,34 @@ def _accept(rt, inst, fields: dict, received_at: dt.datetime, started: float,
         log.info("duplicate delivery", extra={"event": "webhook_duplicate", "trace_id": str(trace_id),
                                               "instance": inst.name})
         return jsonify(status="duplicate", trace_id=str(trace_id)), 200
-    pipeline.emit_steps(msg, {"webhook_received": t_received, "instance_validated": t_validated})
+    pipeline.emit_steps(msg, timings)
     pipeline.submit(msg)
     return jsonify(status="accepted", trace_id=str(msg.trace_id), instance=inst.name), 202
+
+
+def _late_commit(pipeline, msg: Message, timings: dict[str, float], fut) -> None:
+    """Process a message whose row committed after its webhook was answered 503.
+
+    Runs in the writer thread (or at once if the insert already ended). The unique key
+    decides: only the delivery whose insert won processes the message, whichever worker
+    each redelivery reaches; the others are answered `duplicate`.
+    """
+    try:
+        inserted = fut.exception() is None and fut.result()[1]
+        if inserted and pipeline.accepting:
+            log.warning("trace row committed after its webhook timed out; processing it",
+                        extra={"event": "webhook_late_commit", "trace_id": str(msg.trace_id),
+                               "instance": msg.instance.name})
+            pipeline.emit_steps(msg, timings)
+            pipeline.submit(msg)
+            return
+        if inserted:
+            # Shutting down: the row stays `processing` under this worker's owner, and the
+            # recovery at worker exit marks it `error`.
+            log.error("trace row committed late during shutdown; not processed",
+                      extra={"event": "webhook_late_commit_dropped", "trace_id": str(msg.trace_id),
+                             "instance": msg.instance.name})
+    except Exception:  # noqa: BLE001 - a callback error must not leak the slot
+        log.exception("late commit handover failed", extra={"event": "webhook_late_commit_failed",
+                                                             "trace_id": str(msg.trace_id)})
+    pipeline.release()
