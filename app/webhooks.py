@@ -10,7 +10,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.auth import client_ip, secret_equals
+from app.auth import client_ip
 from app.db import DatabaseError, DatabaseUnavailable
 from app import jsonsafe
 from app.errors import ApiError
@@ -135,10 +135,13 @@ def evolution_webhook(instance_name: str):
     if inst.webhook_secret:
         REDACTOR.add(inst.webhook_secret)
         given = request.headers.get("x-webhook-secret") or request.args.get("token")
-        if not secret_equals(given, inst.webhook_secret):
-            reason = "missing_webhook_secret" if not given else "wrong_webhook_secret"
-            rt.guard.fail(reason, message="missing or invalid webhook secret", instance=inst.name)
-            raise _reject(401, "bad_secret", "missing or invalid webhook secret", instance=inst.name)
+        try:
+            rt.guard.require_webhook_secret(given, inst.webhook_secret, instance=inst.name)
+        except ApiError as exc:
+            if exc.status == 429:
+                raise _reject(429, "rate_limited", exc.message, headers=exc.headers,
+                              instance=inst.name) from None
+            raise _reject(401, "bad_secret", "missing or invalid webhook secret", instance=inst.name) from None
     if settings.webhook_rate_per_instance and \
             rt.webhook_rate_instance.hit(inst.name) > settings.webhook_rate_per_instance:
         raise _reject(429, "rate_limited", f"too many webhooks for instance {inst.name}",
