@@ -12,10 +12,18 @@ from aiohttp.http_exceptions import LineTooLong
 from app.instances import Instance
 
 MAX_REPLY_BYTES = 1 << 20
+# Evolution blips (a restart, a proxy's 503) are retried: this many sends at most, the first
+# pause EVOLUTION_BACKOFF_S and doubling, all within the send's timeout.
+EVOLUTION_ATTEMPTS = 3
+EVOLUTION_BACKOFF_S = 0.25
+# A retry is only worth starting with at least this long left of the send's timeout.
+EVOLUTION_MIN_ATTEMPT_S = 1.0
 
 
 class UpstreamError(Exception):
     """An upstream said no or did not answer; `reason` is a metric label, str() the detail."""
+
+    attempts = 1
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -137,3 +145,37 @@ async def send_evolution(session: aiohttp.ClientSession, inst: Instance, digits:
         raise UpstreamError("timeout", f"evolution timed out after {timeout_s:g} s") from None
     except aiohttp.ClientError as exc:
         raise UpstreamError("connection", f"evolution unreachable: {type(exc).__name__}") from None
+
+
+def _retriable(exc: UpstreamError) -> bool:
+    """True when the failed send certainly delivered nothing, so sending again cannot make a
+    second reply: a 5xx, or a connection that was never established (refused, reset while
+    connecting, no route). A timeout or a connection lost after the request went out may
+    have delivered it."""
+    if exc.reason == "http_5xx":
+        return True
+    # send_evolution raises `from None`, which hides the aiohttp error but keeps it.
+    return exc.reason == "connection" and isinstance(exc.__context__, aiohttp.ClientConnectorError)
+
+
+async def send_evolution_retrying(session: aiohttp.ClientSession, inst: Instance, digits: str,
+                                  text: str, timeout_s: float):
+    """send_evolution, repeated after a failure that delivered nothing; (its result, attempts).
+
+    The attempts and their pauses share timeout_s. A final failure carries `attempts`.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = EVOLUTION_BACKOFF_S
+    attempt = 1
+    while True:
+        try:
+            result = await send_evolution(session, inst, digits, text, deadline - time.monotonic())
+            return result, attempt
+        except UpstreamError as exc:
+            exc.attempts = attempt
+            left = deadline - time.monotonic() - pause
+            if attempt >= EVOLUTION_ATTEMPTS or not _retriable(exc) or left < EVOLUTION_MIN_ATTEMPT_S:
+                raise
+        await asyncio.sleep(pause)
+        pause *= 2
+        attempt += 1

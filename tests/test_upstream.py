@@ -14,6 +14,7 @@ import pytest
 from tests.support import free_port, metric, parse_metrics
 
 BIG = 2 << 20  # over MAX_REPLY_BYTES (1 MiB)
+SLOW_SENDS: list[str] = []
 
 
 class CraftedAgent(BaseHTTPRequestHandler):
@@ -24,6 +25,16 @@ class CraftedAgent(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.startswith("/message/sendText/"):
+            # An Evolution API that takes the message and answers too late.
+            SLOW_SENDS.append(body["text"])
+            time.sleep(3)
+            try:
+                self.send_response(201)
+                self.end_headers()
+            except OSError:
+                pass
+            return
         mode = body["message_content"].split()[0]
         if mode == "redirect":
             self.send_response(302)
@@ -131,3 +142,61 @@ def test_oversized_plain_reply_is_refused(service, crafted, mode):
     assert trace["status"] == "failed", trace
     assert trace["error_message"] == "agent reply too large"
     assert trace["duration_ms"] < 3000, trace["duration_ms"]  # not the agent timeout (5 s)
+
+
+# --------------------------------------------------------------------------- Evolution retries
+
+
+def _sends(service, text: str) -> list[int]:
+    """Statuses the sandbox's Evolution answered for sends of text, oldest first."""
+    return [s["status"] for s in reversed(service.sandbox.sent()) if s["text"] == text]
+
+
+def _evolution_step(trace: dict) -> dict:
+    return next(s for s in trace["steps"] if s["step"] == "evolution_send")
+
+
+def test_evolution_503_blips_are_retried_into_one_reply(service):
+    """Evolution answers 503 twice, then takes the message: one completed trace, three
+    attempts recorded on the evolution_send step, exactly one reply delivered."""
+    text = f"#evo_fail_first=2 blip {uuid.uuid4().hex}"
+    r = service.send("bot", text)
+    assert r.status_code == 202
+    trace = service.wait_final(r.json()["trace_id"])
+    assert trace["status"] == "completed", trace
+    assert _evolution_step(trace)["attempts"] == 3
+    assert _sends(service, f"Echo: {text}") == [503, 503, 201]
+
+
+def test_evolution_retries_are_bounded_and_4xx_is_not_retried(service):
+    """Still 503 after three attempts: `failed` with attempts 3; a 400 is not retried."""
+    text = f"#evo_fail_first=9 down {uuid.uuid4().hex}"
+    trace = service.wait_final(service.send("bot", text).json()["trace_id"])
+    assert trace["status"] == "failed" and trace["error_message"] == "evolution returned 503", trace
+    assert _evolution_step(trace)["attempts"] == 3
+    assert _sends(service, f"Echo: {text}") == [503, 503, 503]
+    text = f"#evo_status=400 refused {uuid.uuid4().hex}"
+    trace = service.wait_final(service.send("bot", text).json()["trace_id"])
+    assert trace["status"] == "failed" and _evolution_step(trace)["attempts"] == 1
+    assert _sends(service, f"Echo: {text}") == [400]
+
+
+def test_evolution_refused_connection_is_retried(service):
+    """Nothing listens on the Evolution port: three attempts, then `failed` connection."""
+    service.ensure_instance("evo-refused", service.sandbox.url, evolution_url=f"http://127.0.0.1:{free_port()}")
+    trace = service.wait_final(service.send("evo-refused", "anyone there").json()["trace_id"])
+    assert trace["status"] == "failed" and trace["error_message"].startswith("evolution unreachable")
+    assert _evolution_step(trace)["attempts"] == 3
+
+
+def test_evolution_timeout_is_never_retried(make_service, crafted):
+    """An Evolution that took the message but answers after the send's timeout: one attempt
+    only (a retry could deliver the reply twice), `failed` with reason timeout."""
+    svc = make_service({"AUTOMAGIK_OMNI_EVOLUTION_TIMEOUT_S": "1.5"})
+    svc.ensure_instance("evo-slow", svc.sandbox.url, evolution_url=crafted)
+    token = uuid.uuid4().hex
+    trace = svc.wait_final(svc.send("evo-slow", f"slow evolution {token}").json()["trace_id"])
+    assert trace["status"] == "failed" and trace["error_message"] == "evolution timed out after 1.5 s"
+    assert _evolution_step(trace)["attempts"] == 1
+    time.sleep(3.5)  # a retry, if any, would have reached the slow Evolution by now
+    assert SLOW_SENDS.count(f"Echo: slow evolution {token}") == 1
