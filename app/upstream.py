@@ -172,10 +172,14 @@ async def send_evolution_retrying(session: aiohttp.ClientSession, inst: Instance
             result = await send_evolution(session, inst, digits, text, deadline - time.monotonic())
             return result, attempt
         except UpstreamError as exc:
+            if exc.reason == "timeout" and attempt > 1:
+                # The attempt's own limit was what was left of the send's: name the whole.
+                exc = UpstreamError("timeout", f"evolution timed out after {timeout_s:g} s "
+                                               f"({attempt} attempts)")
             exc.attempts = attempt
             left = deadline - time.monotonic() - pause
             if attempt >= EVOLUTION_ATTEMPTS or not _retriable(exc) or left < EVOLUTION_MIN_ATTEMPT_S:
-                raise
+                raise exc from None
         await asyncio.sleep(pause)
         pause *= 2
         attempt += 1
