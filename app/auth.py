@@ -43,6 +43,8 @@ RETURNING failures, EXTRACT(EPOCH FROM date_trunc('minute', now()) + interval '1
 _SHARED_READ = """
 SELECT failures, EXTRACT(EPOCH FROM date_trunc('minute', now()) + interval '1 minute' - now()) AS left_s
 FROM auth_failure WHERE address = %(ip)s AND window_start = date_trunc('minute', now())"""
+# How long a webhook sender's clean record is trusted before the shared table is read again.
+SHARED_CLEAR_S = 1.0
 _SHARED_PRUNE = "DELETE FROM auth_failure WHERE window_start < now() - interval '2 minutes'"
 
 
@@ -61,6 +63,8 @@ class Guard:
         self.metrics_on = metrics_on
         self.db = db
         self._blocked_until: dict[str, float] = {}
+        # Addresses the shared table showed clean, and until when that answer is reused.
+        self._clear_until: dict[str, float] = {}
 
     def _shared(self, sql: str, ip: str) -> tuple[int, float] | None:
         if self.db is None:
@@ -80,42 +84,82 @@ class Guard:
              **fields) -> ApiError:
         """Count and log an authentication failure; return the error to raise."""
         ip = client_ip()
-        self.failures.hit(ip)
+        self._count_failure(ip)
+        self._log_failure(ip, reason, **fields)
+        return ApiError(status, message)
+
+    def _count_failure(self, ip: str) -> int:
+        """Count one failure of ip; the failures of the current window, shared when possible."""
+        local = self.failures.hit(ip)
+        self._clear_until.pop(ip, None)
         shared = self._shared(_SHARED_HIT, ip)
         if shared is not None and shared[0] >= self.limit:
             self._block(ip, shared[1])
+        return local if shared is None else shared[0]
+
+    def _log_failure(self, ip: str, reason: str, **fields) -> None:
         if self.metrics_on:
             metrics.AUTH_FAILURES.labels(reason=reason).inc()
         log.warning("authentication failed: %s", reason, extra={
             "event": "auth_failed", "reason": reason, "client_ip": ip, "path": request.path,
             "method": request.method, **fields})
-        return ApiError(status, message)
 
-    def _retry_after(self, ip: str) -> int | None:
+    def _retry_after(self, ip: str, reuse_clear: bool = False) -> int | None:
         """Seconds until ip may try again, or None when it is not blocked."""
+        now = time.monotonic()
         until = self._blocked_until.get(ip)
-        if until is not None and until > time.monotonic():
-            return max(1, math.ceil(until - time.monotonic()))
+        if until is not None and until > now:
+            return max(1, math.ceil(until - now))
         if self.failures.exceeded(ip):
             return self.failures.retry_after(ip)
+        if reuse_clear and self._clear_until.get(ip, 0.0) > now:
+            return None
         shared = self._shared(_SHARED_READ, ip)
         if shared is not None and shared[0] >= self.limit:
             self._block(ip, shared[1])
             return max(1, math.ceil(shared[1]))
+        if shared is not None and reuse_clear:
+            if len(self._clear_until) > 10_000:
+                self._clear_until.clear()
+            self._clear_until[ip] = now + SHARED_CLEAR_S
         return None
 
     def check_blocked(self) -> None:
         """429 for an address over its failed-attempt allowance, whatever it sends now."""
         ip = client_ip()
         wait = self._retry_after(ip)
-        if wait is None:
+        if wait is not None:
+            raise self._limited(ip, wait)
+
+    def require_webhook_secret(self, given: str | None, expected: str, **fields) -> None:
+        """429 if the address is over its allowance, else 401 (counted) for a wrong secret.
+
+        Shares the failed-attempt count of the API key, per client address, so guessing from
+        one address never blocks the sender's own. The sender's webhooks are the hot path:
+        a clean answer from the shared table is reused for SHARED_CLEAR_S, which is safe
+        because every wrong guess is counted in the table and blocks the worker that saw it.
+        """
+        ip = client_ip()
+        wait = self._retry_after(ip, reuse_clear=True)
+        if wait is not None:
+            raise self._limited(ip, wait)
+        if secret_equals(given, expected):
             return
+        failures = self._count_failure(ip)
+        self._log_failure(ip, "missing_webhook_secret" if not given else "wrong_webhook_secret",
+                          **fields)
+        if failures > self.limit:
+            # Another worker's failures filled the allowance since this one last looked.
+            raise self._limited(ip, self._retry_after(ip) or 1)
+        raise ApiError(401, "missing or invalid webhook secret")
+
+    def _limited(self, ip: str, wait: int) -> ApiError:
         if self.metrics_on:
             metrics.AUTH_FAILURES.labels(reason="rate_limited").inc()
         log.warning("rate limited after repeated authentication failures", extra={
             "event": "rate_limited", "reason": "auth_failures", "client_ip": ip, "path": request.path})
-        raise ApiError(429, "too many failed authentication attempts; retry later",
-                       headers={"Retry-After": str(wait)})
+        return ApiError(429, "too many failed authentication attempts; retry later",
+                        headers={"Retry-After": str(wait)})
 
     def prune(self) -> None:
         """Drop expired shared counters (periodic)."""

@@ -23,7 +23,7 @@ from app.config import Settings
 from app.instances import Instance
 from app.telemetry import metrics
 from app.traces.store import FinishedTrace
-from app.upstream import UpstreamError, call_agent, send_evolution
+from app.upstream import UpstreamError, call_agent, send_evolution_retrying
 
 log = logging.getLogger("omni.pipeline")
 
@@ -242,13 +242,15 @@ class Pipeline:
             msg.current_step = "evolution_send"
             t0 = time.perf_counter()
             try:
-                reply_id = await send_evolution(self._session, msg.instance,
-                                                msg.reply_number or msg.digits, reply.text,
-                                                self.settings.evolution_timeout_s)
+                reply_id, attempts = await send_evolution_retrying(
+                    self._session, msg.instance, msg.reply_number or msg.digits, reply.text,
+                    self.settings.evolution_timeout_s)
             except UpstreamError as exc:
-                self._upstream_failed(msg, "evolution", "evolution_send", t0, exc, reply_text)
+                self._upstream_failed(msg, "evolution", "evolution_send", t0, exc, reply_text,
+                                      attempts=exc.attempts)
                 return
-            self.record_step(msg, "evolution_send", "success", time.perf_counter() - t0)
+            self.record_step(msg, "evolution_send", "success", time.perf_counter() - t0,
+                             attempts=attempts)
             self._finish(msg, "completed", None, None, reply_text, reply_id)
         except asyncio.CancelledError:
             self._interrupt(msg, "interrupted: service shutting down before the message finished",
@@ -259,10 +261,10 @@ class Pipeline:
             self._interrupt(msg, f"internal error: {type(exc).__name__}", reply_text)
 
     def _upstream_failed(self, msg: Message, upstream: str, step: str, t0: float,
-                         exc: UpstreamError, reply_text: str | None = None) -> None:
+                         exc: UpstreamError, reply_text: str | None = None, **extra) -> None:
         if self.metrics_on:
             metrics.UPSTREAM_ERRORS.labels(upstream=upstream, reason=exc.reason).inc()
-        self.record_step(msg, step, "failed", time.perf_counter() - t0, str(exc))
+        self.record_step(msg, step, "failed", time.perf_counter() - t0, str(exc), **extra)
         self._finish(msg, "failed", step, str(exc), reply_text)
 
     def _interrupt(self, msg: Message, reason: str, reply_text: str | None) -> None:

@@ -7,16 +7,25 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 
 from app.instances import Instance
 
 MAX_REPLY_BYTES = 1 << 20
 # sendText answers with the sent message (a few hundred bytes); the id is all we read of it.
 MAX_SEND_ANSWER_BYTES = 64 << 10
+# Evolution blips (a restart, a proxy's 503) are retried: this many sends at most, the first
+# pause EVOLUTION_BACKOFF_S and doubling, all within the send's timeout.
+EVOLUTION_ATTEMPTS = 3
+EVOLUTION_BACKOFF_S = 0.25
+# A retry is only worth starting with at least this long left of the send's timeout.
+EVOLUTION_MIN_ATTEMPT_S = 1.0
 
 
 class UpstreamError(Exception):
     """An upstream said no or did not answer; `reason` is a metric label, str() the detail."""
+
+    attempts = 1
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -32,7 +41,7 @@ class AgentReply:
 
 
 def _http_reason(status: int) -> str:
-    return "http_4xx" if status < 500 else "http_5xx"
+    return "http_3xx" if status < 400 else "http_4xx" if status < 500 else "http_5xx"
 
 
 async def call_agent(session: aiohttp.ClientSession, inst: Instance, text: str, user_id: str,
@@ -45,21 +54,34 @@ async def call_agent(session: aiohttp.ClientSession, inst: Instance, text: str, 
     started = time.perf_counter()
     try:
         async with asyncio.timeout(inst.agent_timeout_s):
-            async with session.post(url, json=body, headers=headers) as resp:
+            # A redirect is not followed: it would carry the agent key (x-api-key) elsewhere.
+            async with session.post(url, json=body, headers=headers, allow_redirects=False) as resp:
                 if resp.status >= 300:
                     raise UpstreamError(_http_reason(resp.status), f"agent returned {resp.status}")
                 if inst.agent_stream:
                     return await _read_stream(resp, started)
-                return _parse_reply(await resp.read())
+                return _parse_reply(await _read_bounded(resp))
     except TimeoutError:
         raise UpstreamError("timeout", f"agent timed out after {inst.agent_timeout_s:g} s") from None
     except aiohttp.ClientError as exc:
         raise UpstreamError("connection", f"agent unreachable: {type(exc).__name__}") from None
 
 
-def _parse_reply(raw: bytes) -> AgentReply:
-    if len(raw) > MAX_REPLY_BYTES:
+async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, refused as soon as it is known to exceed MAX_REPLY_BYTES."""
+    if resp.content_length is not None and resp.content_length > MAX_REPLY_BYTES:
         raise UpstreamError("bad_response", "agent reply too large")
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(1 << 16):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise UpstreamError("bad_response", "agent reply too large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _parse_reply(raw: bytes) -> AgentReply:
     try:
         data = json.loads(raw)
     except ValueError:
@@ -72,24 +94,39 @@ def _parse_reply(raw: bytes) -> AgentReply:
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> AgentReply:
+    """Read a text/event-stream as the SSE format says: an event is its `data:` lines, joined
+    with "\n", ended by a blank line; comments and other fields are skipped."""
     chunks: list[str] = []
     size = 0
     first: float | None = None
-    async for raw_line in resp.content:
-        line = raw_line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            return AgentReply(text="".join(chunks), first_chunk_s=first)
+    data: list[bytes] | None = None
+    while True:
         try:
-            content = json.loads(payload).get("content", "")
-        except (ValueError, AttributeError):
-            raise UpstreamError("bad_response", "agent stream sent an invalid chunk") from None
-        if first is None:
-            first = time.perf_counter() - started
-        chunks.append(str(content))
-        size += len(payload)
+            raw_line = await resp.content.readline(max_line_length=MAX_REPLY_BYTES)
+        except (LineTooLong, ValueError):
+            raise UpstreamError("bad_response", "agent stream sent a line over 1 MiB") from None
+        if not raw_line or raw_line in (b"\n", b"\r\n"):
+            if data is not None:
+                payload = b"\n".join(data)
+                data = None
+                if payload.strip() == b"[DONE]":
+                    return AgentReply(text="".join(chunks), first_chunk_s=first)
+                try:
+                    content = json.loads(payload).get("content", "")
+                except (ValueError, AttributeError):
+                    raise UpstreamError("bad_response", "agent stream sent an invalid chunk") from None
+                if first is None:
+                    first = time.perf_counter() - started
+                chunks.append(str(content))
+            if not raw_line:
+                break
+            continue
+        line = raw_line.rstrip(b"\r\n")
+        name, _, value = line.partition(b":")
+        if name != b"data":
+            continue  # a comment (":..."), or the event, id and retry fields
+        data = (data or []) + [value[1:] if value.startswith(b" ") else value]
+        size += len(value)
         if size > MAX_REPLY_BYTES:
             raise UpstreamError("bad_response", "agent stream too large")
     raise UpstreamError("bad_response", "agent stream ended without [DONE]")
@@ -140,3 +177,39 @@ def sent_message_id(raw: bytes) -> str | None:
     if isinstance(msg_id, str) and 1 <= len(msg_id) <= 128 and "\x00" not in msg_id:
         return msg_id
     return None
+def _retriable(exc: UpstreamError) -> bool:
+    """True when the failed send certainly delivered nothing, so sending again cannot make a
+    second reply: a 5xx, or a connection that was never established (refused, reset while
+    connecting, no route). A timeout or a connection lost after the request went out may
+    have delivered it."""
+    if exc.reason == "http_5xx":
+        return True
+    # send_evolution raises `from None`, which hides the aiohttp error but keeps it.
+    return exc.reason == "connection" and isinstance(exc.__context__, aiohttp.ClientConnectorError)
+
+
+async def send_evolution_retrying(session: aiohttp.ClientSession, inst: Instance, digits: str,
+                                  text: str, timeout_s: float):
+    """send_evolution, repeated after a failure that delivered nothing; (its result, attempts).
+
+    The attempts and their pauses share timeout_s. A final failure carries `attempts`.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = EVOLUTION_BACKOFF_S
+    attempt = 1
+    while True:
+        try:
+            result = await send_evolution(session, inst, digits, text, deadline - time.monotonic())
+            return result, attempt
+        except UpstreamError as exc:
+            if exc.reason == "timeout" and attempt > 1:
+                # The attempt's own limit was what was left of the send's: name the whole.
+                exc = UpstreamError("timeout", f"evolution timed out after {timeout_s:g} s "
+                                               f"({attempt} attempts)")
+            exc.attempts = attempt
+            left = deadline - time.monotonic() - pause
+            if attempt >= EVOLUTION_ATTEMPTS or not _retriable(exc) or left < EVOLUTION_MIN_ATTEMPT_S:
+                raise exc from None
+        await asyncio.sleep(pause)
+        pause *= 2
+        attempt += 1

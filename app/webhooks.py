@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app import evolution
-from app.auth import client_ip, secret_equals
+from app.auth import client_ip
 from app.db import DatabaseError, DatabaseUnavailable
 from app import jsonsafe
 from app.errors import ApiError
@@ -93,10 +93,13 @@ def evolution_webhook(instance_name: str, event: str | None):
     if inst.webhook_secret:
         REDACTOR.add(inst.webhook_secret)
         given = request.headers.get("x-webhook-secret") or request.args.get("token")
-        if not secret_equals(given, inst.webhook_secret):
-            reason = "missing_webhook_secret" if not given else "wrong_webhook_secret"
-            rt.guard.fail(reason, message="missing or invalid webhook secret", instance=inst.name)
-            raise _reject(401, "bad_secret", "missing or invalid webhook secret", instance=inst.name)
+        try:
+            rt.guard.require_webhook_secret(given, inst.webhook_secret, instance=inst.name)
+        except ApiError as exc:
+            if exc.status == 429:
+                raise _reject(429, "rate_limited", exc.message, headers=exc.headers,
+                              instance=inst.name) from None
+            raise _reject(401, "bad_secret", "missing or invalid webhook secret", instance=inst.name) from None
     if settings.webhook_rate_per_instance and \
             rt.webhook_rate_instance.hit(inst.name) > settings.webhook_rate_per_instance:
         raise _reject(429, "rate_limited", f"too many webhooks for instance {inst.name}",
@@ -169,6 +172,8 @@ def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
     if not pipeline.try_reserve(settings.overload_wait_s):
         raise _reject(503, "overloaded", "service overloaded; retry later",
                       headers={"Retry-After": RETRY_AFTER_BUSY}, level=logging.WARNING, instance=inst.name)
+    timings = {"webhook_received": t_received, "instance_validated": t_validated}
+    pending = None
     try:
         if rt.writer is not None:
             row = NewTrace(trace_id=msg.trace_id, instance_id=inst.id, instance_name=inst.name,
@@ -177,10 +182,19 @@ def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
                            created_at=received_at, steps=list(msg.steps), owner=pipeline.owner,
                            message_type=inbound.message_type, remote_jid=inbound.remote_jid,
                            platform_timestamp=inbound.platform_ts)
-            trace_id, inserted = rt.writer.insert(row).result(timeout=COMMIT_WAIT_S)
+            pending = rt.writer.insert(row)
+            trace_id, inserted = pending.result(timeout=COMMIT_WAIT_S)
         else:
             trace_id, inserted = rt.recent_ids.claim(inst.id, fields["message_id"], msg.trace_id)
-    except (DatabaseUnavailable, FutureTimeout):
+    except FutureTimeout:
+        # The insert is still queued or running and may yet commit. If it does, the row
+        # exists and every redelivery will be answered `duplicate`, so this worker must
+        # process it then: the slot stays reserved for it until the insert's outcome is known.
+        pending.add_done_callback(lambda fut: _late_commit(pipeline, msg, timings, fut))
+        raise _reject(503, "database_unavailable", "database too slow; the message was not "
+                      "recorded yet, retry later", headers={"Retry-After": RETRY_AFTER_DB},
+                      level=logging.ERROR, instance=inst.name) from None
+    except DatabaseUnavailable:
         pipeline.release()
         raise _reject(503, "database_unavailable", "database unavailable; the message was not "
                       "recorded, retry later", headers={"Retry-After": RETRY_AFTER_DB},
@@ -193,9 +207,37 @@ def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
         log.info("duplicate delivery", extra={"event": "webhook_duplicate", "trace_id": str(trace_id),
                                               "instance": inst.name})
         return jsonify(status="duplicate", trace_id=str(trace_id)), 200
-    pipeline.emit_steps(msg, {"webhook_received": t_received, "instance_validated": t_validated})
+    pipeline.emit_steps(msg, timings)
     if settings.enable_metrics and inbound.platform_ts is not None:
         lag = (received_at - inbound.platform_ts).total_seconds()
         metrics.child(metrics.WEBHOOK_LAG, inst.name).observe(max(0.0, lag))
     pipeline.submit(msg)
     return jsonify(status="accepted", trace_id=str(msg.trace_id), instance=inst.name), 202
+
+
+def _late_commit(pipeline, msg: Message, timings: dict[str, float], fut) -> None:
+    """Process a message whose row committed after its webhook was answered 503.
+
+    Runs in the writer thread (or at once if the insert already ended). The unique key
+    decides: only the delivery whose insert won processes the message, whichever worker
+    each redelivery reaches; the others are answered `duplicate`.
+    """
+    try:
+        inserted = fut.exception() is None and fut.result()[1]
+        if inserted and pipeline.accepting:
+            log.warning("trace row committed after its webhook timed out; processing it",
+                        extra={"event": "webhook_late_commit", "trace_id": str(msg.trace_id),
+                               "instance": msg.instance.name})
+            pipeline.emit_steps(msg, timings)
+            pipeline.submit(msg)
+            return
+        if inserted:
+            # Shutting down: the row stays `processing` under this worker's owner, and the
+            # recovery at worker exit marks it `error`.
+            log.error("trace row committed late during shutdown; not processed",
+                      extra={"event": "webhook_late_commit_dropped", "trace_id": str(msg.trace_id),
+                             "instance": msg.instance.name})
+    except Exception:  # noqa: BLE001 - a callback error must not leak the slot
+        log.exception("late commit handover failed", extra={"event": "webhook_late_commit_failed",
+                                                             "trace_id": str(msg.trace_id)})
+    pipeline.release()

@@ -7,6 +7,7 @@ alert notifications.  Message text can steer it with directives:
     #delay=<ms>        the agent answers after that long
     #status=<code>     the agent answers with that HTTP status
     #evo_status=<code> the Evolution send answers with that status
+    #evo_fail_first=<n> the first n sends of this exact text answer 503, later ones succeed
     #garbage           the agent answers 200 with a body that is not JSON
     #hang              the agent never answers; the client has to give up
     #endless           (stream mode) chunks every 100 ms until the client leaves
@@ -50,6 +51,7 @@ _DELAY_RE = re.compile(r"#delay=(\d{1,9})\b")
 # The look-behind keeps "#status=" from matching inside "#evo_status=".
 _STATUS_RE = re.compile(r"(?<![A-Za-z0-9_])#status=(\d{3})\b")
 _EVO_STATUS_RE = re.compile(r"#evo_status=(\d{3})\b")
+_EVO_FAIL_FIRST_RE = re.compile(r"#evo_fail_first=(\d{1,3})\b")
 _FLAG_RES = {name: re.compile(rf"#{name}\b") for name in ("garbage", "hang", "endless")}
 
 
@@ -140,6 +142,16 @@ class SandboxState:
         self.recent_calls: deque[dict[str, Any]] = deque(maxlen=config.calls_limit)
         self.calls_total = 0
         self.calls_by_status: Counter[str] = Counter()
+        # Sends seen per (instance, number, text) carrying #evo_fail_first, oldest first.
+        self.evo_sends: dict[tuple, int] = {}
+
+    def count_send(self, key: tuple) -> int:
+        """How many sends of key arrived before this one (bounded like the other records)."""
+        seen = self.evo_sends.pop(key, 0)
+        self.evo_sends[key] = seen + 1
+        if len(self.evo_sends) > self.config.sent_limit:
+            del self.evo_sends[next(iter(self.evo_sends))]
+        return seen
 
     def reset_calls(self) -> None:
         """Forget the agent call counters."""
@@ -165,6 +177,7 @@ class Directives:
     delay_ms: int | None = None
     status: int | None = None
     evo_status: int | None = None
+    evo_fail_first: int = 0
     garbage: bool = False
     hang: bool = False
     endless: bool = False
@@ -182,10 +195,12 @@ def parse_directives(text: str) -> Directives:
     if "#" not in text:
         return Directives()
     delay = _DELAY_RE.search(text)
+    fail_first = _EVO_FAIL_FIRST_RE.search(text)
     return Directives(
         delay_ms=int(delay.group(1)) if delay else None,
         status=_status_code(_STATUS_RE.search(text)),
         evo_status=_status_code(_EVO_STATUS_RE.search(text)),
+        evo_fail_first=int(fail_first.group(1)) if fail_first else 0,
         garbage=bool(_FLAG_RES["garbage"].search(text)),
         hang=bool(_FLAG_RES["hang"].search(text)),
         endless=bool(_FLAG_RES["endless"].search(text)),
@@ -410,6 +425,9 @@ async def handle_send_text(request: web.Request) -> web.Response:
     valid = isinstance(text, str) and isinstance(number, (str, int)) and str(number).isdigit()
     directives = parse_directives(text) if isinstance(text, str) else Directives()
     status = (directives.evo_status or 201) if valid else 400
+    if valid and directives.evo_fail_first and \
+            state.count_send((request.match_info["instance"], str(number), text)) < directives.evo_fail_first:
+        status = 503
     state.sent.appendleft({
         "instance": request.match_info["instance"],
         "number": None if number is None else str(number),

@@ -10,6 +10,7 @@ import glob
 import json
 import socket
 import subprocess
+import uuid
 from pathlib import Path
 
 import psycopg2
@@ -65,11 +66,17 @@ def test_schemathesis_with_and_without_key(make_service, tmp_path, capsys):
     svc.ensure_instance("fuzz", svc.sandbox.url)
     with_key = _schemathesis(svc, tmp_path, "with-key", ["--header", f"x-api-key: {API_KEY}"])
     without = _schemathesis(svc, tmp_path, "without-key", [])
-    # The service still works and its table is intact.
-    r = svc.send("fuzz", "after fuzzing")
-    assert r.status_code in (202, 404), r.text  # 404 if the fuzzer deleted the instance
+    # The service still works end to end and its trace table takes new rows: on an instance
+    # the fuzzer never saw (it may have deleted or changed `fuzz`), a webhook is accepted,
+    # writes exactly one row and completes.
     assert requests.get(svc.url + "/health", timeout=5).status_code == 200
-    assert _count(svc.database_url, "message_trace") >= 0
+    name = "after-" + uuid.uuid4().hex[:8]
+    svc.ensure_instance(name, svc.sandbox.url)
+    before = _count(svc.database_url, "message_trace")
+    r = svc.send(name, "after fuzzing")
+    assert r.status_code == 202, r.text
+    assert svc.wait_final(r.json()["trace_id"])["status"] == "completed"
+    assert _count(svc.database_url, "message_trace") == before + 1
     with capsys.disabled():
         print(f"\n[schemathesis] cases run: with key {with_key['test_cases']['generated']}, "
               f"without key {without['test_cases']['generated']}, failures 0")

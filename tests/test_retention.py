@@ -160,7 +160,8 @@ def test_concurrent_purges_never_both_hold_the_lock(app_factory, db):
 
 
 def test_exclusive_purge_yields_to_a_lock_holder(db):
-    """While another session holds the purge lock, an exclusive purge deletes nothing."""
+    """While another session holds the purge lock, an exclusive purge deletes nothing and an
+    explicit one waits for it."""
     from app.db import Database
     from app.traces.store import PURGE_LOCK_ID, TraceStore
 
@@ -173,8 +174,19 @@ def test_exclusive_purge_yields_to_a_lock_holder(db):
         cutoff = dt.datetime.now(UTC) - dt.timedelta(days=30)
         assert store.delete_older_than(cutoff) is None
         assert len(remaining(db)) == 2
-        # The non-exclusive form (the API's explicit DELETE, the CLI) does not wait for it.
-        assert store.delete_older_than(cutoff, exclusive=False) == 2
+        # The non-exclusive form (the API's explicit DELETE, the CLI) waits for it, past the
+        # pool's statement timeout if need be, then purges.
+        store.db.close()
+        store = TraceStore(Database(db, size=1, statement_timeout_ms=500))
+        done: list = []
+        waiter = threading.Thread(target=lambda: done.append(
+            store.delete_older_than(cutoff, exclusive=False)))
+        waiter.start()
+        waiter.join(1.5)
+        assert waiter.is_alive() and not done and len(remaining(db)) == 2
+        holder.close()
+        waiter.join(30)
+        assert done == [2] and not remaining(db)
         store.db.close()
     finally:
         holder.close()
@@ -215,3 +227,51 @@ def test_purge_batches_hold_at_most_batch_rows_even_with_tied_timestamps(db):
         counts = [n for (n,) in cur.fetchall()]
     conn.close()
     assert sum(counts) == 27 and max(counts) <= 5, counts
+
+
+def test_concurrent_purges_of_every_kind_keep_the_rollups_exact(db):
+    """Explicit purges (the API's DELETE, the CLI) and periodic ones run at once, round after
+    round with the cutoff moving through partial days: every expired row is deleted once and
+    the rollups equal a recomputation from the rows left. Two subtractions of the same hourly
+    rollups used to count those hours twice."""
+    from app.db import Database
+    from app.traces.store import TraceStore
+    from tests.test_analytics_rollup import assert_rollups_exact, dense_rows
+    from tests.test_traces_api import insert_rows
+
+    now = dt.datetime.now(UTC)
+    insert_rows(db, dense_rows(3000, now, seed=23, days=4.0))
+    assert_rollups_exact(db)
+    kinds = [False, False, False, True, True]  # exclusive: the periodic purge's try-lock
+    stores = [TraceStore(Database(db, size=1)) for _ in kinds]
+    try:
+        for days in (3.6, 3.1, 2.55, 2.2, 1.45):
+            cutoff = now - dt.timedelta(days=days)
+            conn = psycopg2.connect(db)
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM message_trace WHERE created_at < %s", (cutoff,))
+                expected = cur.fetchone()[0]
+            conn.close()
+            barrier = threading.Barrier(len(kinds))
+            results: list = [None] * len(kinds)
+            errors: list = []
+
+            def run(i: int) -> None:
+                try:
+                    barrier.wait(10)
+                    results[i] = stores[i].delete_older_than(cutoff, batch=200, exclusive=kinds[i])
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(kinds))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors
+            assert sum(r or 0 for r in results) == expected, (days, results, expected)
+            assert all(results[i] is not None for i, exclusive in enumerate(kinds) if not exclusive)
+            assert_rollups_exact(db)
+    finally:
+        for store in stores:
+            store.db.close()

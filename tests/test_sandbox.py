@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -163,6 +164,15 @@ def test_evolution_send(sandbox_url):
     assert newest["instance"] == "demo" and newest["number"] == "5511999990000"
     assert newest["apikey_present"] is True
     assert newest["received_at"].endswith("Z")
+
+
+def test_evo_fail_first_directive(sandbox_url):
+    """#evo_fail_first=2: the first two sends of that exact text answer 503, then 201; the
+    same directive in another text has its own count."""
+    text = f"Echo: blip #evo_fail_first=2 {uuid.uuid4().hex}"
+    assert [send_text(sandbox_url, text).status_code for _ in range(4)] == [503, 503, 201, 201]
+    assert send_text(sandbox_url, text + " other").status_code == 503
+    assert sandbox.parse_directives("x #evo_fail_first=3").evo_fail_first == 3
 
 
 def test_sent_newest_first_and_clear(sandbox_url):

@@ -86,6 +86,36 @@ def test_brute_force_limit_is_shared_by_both_workers(make_service):
     assert _wait_events(svc, "rate_limited", 16)
 
 
+def test_webhook_secret_guesses_are_throttled_per_address(make_service, sandbox):
+    """Wrong `token=` values from one address: 10 are 401, then 429 with Retry-After on both
+    workers, even with the right secret; the sender's own address (another X-Forwarded-For)
+    still gets its webhooks through with the right secret, before and after."""
+    svc = make_service({"AUTOMAGIK_OMNI_TRUSTED_PROXIES": "1"})
+    secret = "hook-" + uuid.uuid4().hex
+    svc.ensure_instance("guarded", sandbox.url, webhook_secret=secret)
+    url = f"{svc.url}/webhook/evolution/guarded"
+    evolution = {"X-Forwarded-For": "198.51.100.20"}
+    attacker = {"X-Forwarded-For": "203.0.113.66"}
+
+    def hook(token: str, headers: dict, text: str = "hi") -> requests.Response:
+        return requests.post(url, params={"token": token}, json=webhook("guarded", text),
+                             headers=headers, timeout=10)
+
+    assert hook(secret, evolution).status_code == 202
+    answers = [hook(f"guess-{i}", attacker) for i in range(40)]
+    codes = [a.status_code for a in answers]
+    assert codes == [401] * 10 + [429] * 30, codes
+    assert all(1 <= int(a.headers["Retry-After"]) <= 60 for a in answers[10:])
+    assert hook(secret, attacker).status_code == 429
+    sender = [hook(secret, evolution, f"sender {i}") for i in range(6)]
+    assert [a.status_code for a in sender] == [202] * 6, [a.text for a in sender]
+    m = _metrics(svc)
+    assert metric(m, "omni_auth_failures_total", reason="wrong_webhook_secret") == 10
+    assert metric(m, "omni_auth_failures_total", reason="rate_limited") == 31
+    for a in sender:
+        svc.wait_final(a.json()["trace_id"])
+
+
 # --------------------------------------------------------------------------- constant time
 
 

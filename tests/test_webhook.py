@@ -265,3 +265,40 @@ def test_rows_json_replaces_nul_only():
     rows = [["a\x00b", {"error": "x\x00"}, [None, 3]], ["typed \\u0000 here"]]
     assert json.loads(rows_json(rows)) == [["a\ufffdb", {"error": "x\ufffd"}, [None, 3]],
                                            ["typed \\u0000 here"]]
+
+
+def test_slow_commit_503_then_redelivery_processed_exactly_once(make_service):
+    """The trace table is locked for 12.5 s while a webhook arrives: its wait for the commit
+    (10 s) ends in 503, the row commits once the lock goes. Redelivered afterwards (to
+    whichever worker), the message is processed exactly once: one reply, a final trace, and
+    `duplicate` names the trace that was processed."""
+    import psycopg2
+
+    svc = make_service()
+    svc.ensure_instance("slowdb", svc.sandbox.url)
+    token = uuid.uuid4().hex
+    text = f"slow commit {token}"
+    message_id = "SLOW" + token[:16].upper()
+    locker = psycopg2.connect(svc.database_url)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE message_trace IN ACCESS EXCLUSIVE MODE")
+        locked_at = time.monotonic()
+        first = svc.send("slowdb", text, message_id=message_id)
+        assert first.status_code == 503 and first.headers["Retry-After"], first.text
+        time.sleep(max(0.0, 12.5 - (time.monotonic() - locked_at)))
+    finally:
+        locker.rollback()
+        locker.close()
+    answers = [svc.send("slowdb", text, message_id=message_id) for _ in range(4)]
+    assert all(a.status_code in (200, 202) for a in answers), [a.text for a in answers]
+    trace_ids = {a.json()["trace_id"] for a in answers}
+    stored = rows(svc.database_url, "SELECT trace_id::text FROM message_trace WHERE message_id = %s",
+                  (message_id,))
+    assert len(stored) == 1 and trace_ids == {stored[0][0]}, (trace_ids, stored)
+    assert sum(a.json()["status"] == "accepted" for a in answers) <= 1
+    trace = svc.wait_final(stored[0][0], timeout=20)
+    assert trace["status"] == "completed", trace
+    time.sleep(1.0)  # a second reply, if any, would have arrived by now
+    replies = [s for s in svc.sandbox.sent() if s["text"] == f"Echo: {text}"]
+    assert len(replies) == 1, replies

@@ -34,8 +34,8 @@ STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_se
 STEP_STATUSES = ("success", "failed")
 MESSAGE_STATUSES = ("completed", "failed", "error")
 UPSTREAM_REASONS = {
-    "agent": ("timeout", "connection", "http_4xx", "http_5xx", "bad_response"),
-    "evolution": ("timeout", "connection", "http_4xx", "http_5xx"),
+    "agent": ("timeout", "connection", "http_3xx", "http_4xx", "http_5xx", "bad_response"),
+    "evolution": ("timeout", "connection", "http_3xx", "http_4xx", "http_5xx"),
     "database": ("unavailable", "write_failed"),
     "loki": ("connection", "http_4xx", "http_5xx", "timeout", "dropped"),
 }

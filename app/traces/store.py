@@ -12,6 +12,7 @@ from app.db import Database, execute_values
 STEP_NAMES = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
 TRACE_STATUSES = ("processing", "completed", "failed", "error")
 PURGE_LOCK_ID = 72_011_002
+PURGE_LOCK_WAIT_MS = 600_000
 
 TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_content, response_content,
     status, duration_ms, created_at, updated_at, steps, failed_step, error_message,
@@ -312,9 +313,13 @@ class TraceStore:
 
         Whole expired UTC hours go first in purge mode (sql/006: the rollups drop those hours
         at once instead of subtracting row by row), then the rows of the last partial hour
-        through the ordinary triggers. With exclusive, one connection holds a session
-        advisory lock for the whole purge and None is returned when another process holds
-        it (one purger at a time across workers and replicas).
+        through the ordinary triggers.
+
+        Every purge holds the purge advisory lock (a session lock) throughout: two purges at
+        once would both subtract the same expired hours from the daily rollups, and their
+        batches deadlock on each other's rows. With exclusive (the periodic purge) None is
+        returned at once when another process holds it; otherwise (the API, the CLI) the
+        purge waits for it.
         """
         whole_hours = cutoff.astimezone(dt.timezone.utc).replace(minute=0, second=0, microsecond=0)
         total = 0
@@ -325,6 +330,12 @@ class TraceStore:
                 conn.commit()
                 if not got:
                     return None
+            else:
+                # A periodic purge of a large backlog may hold it for minutes; the lock wait
+                # alone may outlast the pool's statement timeout.
+                cur.execute("SET LOCAL statement_timeout = %(ms)s", {"ms": PURGE_LOCK_WAIT_MS})
+                cur.execute("SELECT pg_advisory_lock(%(id)s)", {"id": PURGE_LOCK_ID})
+                conn.commit()
             try:
                 total += self._delete_batches(conn, cur, whole_hours, batch,
                                               purge_day=whole_hours.replace(hour=0))
@@ -334,7 +345,7 @@ class TraceStore:
                 self._delete_replies(conn, cur, cutoff, batch)
                 return total
             finally:
-                if exclusive and not conn.closed:
+                if not conn.closed:
                     conn.rollback()
                     cur.execute("SELECT pg_advisory_unlock(%(id)s)", {"id": PURGE_LOCK_ID})
 
