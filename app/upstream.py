@@ -144,7 +144,7 @@ async def send_evolution(session: aiohttp.ClientSession, inst: Instance, number:
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(url, json={"number": number, "text": text}, headers=headers) as resp:
-                raw = await _read_bounded(resp, MAX_SEND_ANSWER_BYTES)
+                raw = await _read_head(resp, MAX_SEND_ANSWER_BYTES)
                 if not 200 <= resp.status < 300:
                     raise UpstreamError(_http_reason(resp.status), f"evolution returned {resp.status}")
                 return sent_message_id(raw)
@@ -154,7 +154,7 @@ async def send_evolution(session: aiohttp.ClientSession, inst: Instance, number:
         raise UpstreamError("connection", f"evolution unreachable: {type(exc).__name__}") from None
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, or its first `limit` bytes (enough to tell; the rest is not waited for)."""
     chunks: list[bytes] = []
     size = 0
