@@ -12,8 +12,34 @@ alert notifications.  Message text can steer it with directives:
     #hang              the agent never answers; the client has to give up
     #endless           (stream mode) chunks every 100 ms until the client leaves
 
-Run with ``python -m demo.sandbox [--host H] [--port P]``; see ``SandboxConfig``
-and ``config_from_env`` for the latency model's environment variables.
+``sendText`` takes ``number`` as digits, ``<digits>@s.whatsapp.net`` or ``<lid>@lid`` and
+answers 201 with the sent message like Evolution (``key.id`` "3EB0" + 16 hex digits).
+Like Evolution, it then reports what WhatsApp says about the reply: ``messages.update``
+webhooks (``DELIVERY_ACK``, then ``READ``) posted to ``{SANDBOX_WEBHOOK_URL}/{instance}``
+by background tasks, retried on 5xx and connection errors, never on 4xx.
+``GET /receipts`` lists the receipts sent with the gateway's answers (newest first),
+``DELETE /receipts`` forgets them.
+
+Environment (all optional):
+
+    SANDBOX_HOST, SANDBOX_PORT         bind address (127.0.0.1:8890)
+    SANDBOX_LATENCY_MEDIAN_MS          agent latency median, lognormal (0: at once)
+    SANDBOX_LATENCY_SIGMA              its spread (0.35)
+    SANDBOX_SLOW_RATE                  share of 10.5-14 s agent answers (0)
+    SANDBOX_FAIL_RATE                  share of agent 500s (0)
+    SANDBOX_EVO_LATENCY_MS             sendText latency median (0)
+    SANDBOX_SEED                       seed of the latency and receipt model
+    SANDBOX_LOG_LEVEL                  DEBUG, INFO, WARNING, ERROR (INFO)
+    SANDBOX_WEBHOOK_URL                gateway webhook base for receipts, e.g.
+                                       http://127.0.0.1:8882/webhook/evolution
+                                       (unset or empty: no receipts)
+    SANDBOX_WEBHOOK_TOKEN              sent as header x-webhook-secret with receipts
+    SANDBOX_RECEIPT_DELAY_MS           send to DELIVERY_ACK (300)
+    SANDBOX_READ_DELAY_MS              DELIVERY_ACK to READ (1500)
+    SANDBOX_RECEIPT_SHARE              share of sends delivered (1.0)
+    SANDBOX_READ_SHARE                 share of the delivered ones read (0.8)
+
+Run with ``python -m demo.sandbox [--host H] [--port P]``.
 """
 
 from __future__ import annotations
@@ -34,6 +60,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+import aiohttp
 from aiohttp import web
 
 log = logging.getLogger("demo.sandbox")
@@ -53,6 +80,19 @@ _STATUS_RE = re.compile(r"(?<![A-Za-z0-9_])#status=(\d{3})\b")
 _EVO_STATUS_RE = re.compile(r"#evo_status=(\d{3})\b")
 _EVO_FAIL_FIRST_RE = re.compile(r"#evo_fail_first=(\d{1,3})\b")
 _FLAG_RES = {name: re.compile(rf"#{name}\b") for name in ("garbage", "hang", "endless")}
+# What Evolution's sendText accepts as `number`: digits, a phone JID or a LID JID.
+_NUMBER_RE = re.compile(r"(\d{1,32})(@s\.whatsapp\.net|@lid)?")
+_CUID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+# Evolution fills server_url from its own SERVER_URL; the compose demo's name for the peer.
+SERVER_URL = "http://sandbox:8890"
+# Evolution retries a webhook a bounded number of times; a few attempts are enough here
+# and keep a gateway that is down from piling up tasks.
+RECEIPT_ATTEMPTS = 3
+RECEIPT_BACKOFF_S = 0.5
+RECEIPT_TIMEOUT_S = 10.0
+# Receipts waiting or in flight beyond this are dropped (and logged): memory stays bounded
+# when the gateway is slow for a long time.
+RECEIPT_BACKLOG = 10_000
 
 
 class ConfigError(ValueError):
@@ -75,6 +115,13 @@ class SandboxConfig:
     sent_limit: int = 10_000
     alerts_limit: int = 1_000
     calls_limit: int = 1_000
+    webhook_url: str = ""
+    webhook_token: str = ""
+    receipt_delay_ms: float = 300.0
+    read_delay_ms: float = 1500.0
+    receipt_share: float = 1.0
+    read_share: float = 0.8
+    receipts_limit: int = 1_000
 
 
 # ---------------------------------------------------------------- configuration
@@ -125,7 +172,20 @@ def config_from_env(env: Mapping[str, str] | None = None) -> SandboxConfig:
         evo_latency_ms=_env_float(env, "SANDBOX_EVO_LATENCY_MS", 0.0, 0.0),
         seed=_env_int(env, "SANDBOX_SEED", None, -(2**63), 2**63 - 1),
         log_level=level,
+        webhook_url=_env_url(env, "SANDBOX_WEBHOOK_URL"),
+        webhook_token=env.get("SANDBOX_WEBHOOK_TOKEN", "").strip(),
+        receipt_delay_ms=_env_float(env, "SANDBOX_RECEIPT_DELAY_MS", 300.0, 0.0, 3_600_000.0),
+        read_delay_ms=_env_float(env, "SANDBOX_READ_DELAY_MS", 1500.0, 0.0, 3_600_000.0),
+        receipt_share=_env_float(env, "SANDBOX_RECEIPT_SHARE", 1.0, 0.0, 1.0),
+        read_share=_env_float(env, "SANDBOX_READ_SHARE", 0.8, 0.0, 1.0),
     )
+
+
+def _env_url(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip()
+    if raw and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", raw):
+        raise ConfigError(f"{name}={raw!r} must be an http:// or https:// URL")
+    return raw.rstrip("/")
 
 
 # ---------------------------------------------------------------- state
@@ -144,6 +204,11 @@ class SandboxState:
         self.calls_by_status: Counter[str] = Counter()
         # Sends seen per (instance, number, text) carrying #evo_fail_first, oldest first.
         self.evo_sends: dict[tuple, int] = {}
+        self.receipts: deque[dict[str, Any]] = deque(maxlen=config.receipts_limit)
+        # Strong references: the loop keeps only weak ones to running tasks.
+        self.receipt_tasks: set[asyncio.Task[None]] = set()
+        self.receipts_dropped = 0
+        self.client: aiohttp.ClientSession | None = None
 
     def count_send(self, key: tuple) -> int:
         """How many sends of key arrived before this one (bounded like the other records)."""
@@ -417,34 +482,156 @@ async def handle_agent_run(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------- evolution
 
 
+def parse_number(number: Any) -> str | None:
+    """The remoteJid Evolution would send to for a sendText `number`, or None if it is junk."""
+    if isinstance(number, bool) or not isinstance(number, (str, int)):
+        return None
+    match = _NUMBER_RE.fullmatch(str(number))
+    if match is None:
+        return None
+    digits, server = match.groups()
+    return f"{digits}{server or '@s.whatsapp.net'}"
+
+
+def new_key_id() -> str:
+    """A WhatsApp-style message id: '3EB0' + 16 upper-case hex digits."""
+    # Not from the seeded generator: a restarted sandbox must not repeat ids the
+    # gateway already stored.
+    return "3EB0" + secrets.token_hex(8).upper()
+
+
+def new_cuid() -> str:
+    """A cuid-like id as Evolution's database gives its rows: 'cm' + 23 lowercase alnum."""
+    return "cm" + "".join(secrets.choice(_CUID_ALPHABET) for _ in range(23))
+
+
+def instance_uuid(instance: str) -> str:
+    """A stable uuid per instance name, like Evolution's instanceId."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandbox-evolution/{instance}"))
+
+
+def sent_message(instance: str, remote_jid: str, text: str, key_id: str) -> dict[str, Any]:
+    """The body Evolution's sendText answers with for a text sent to remote_jid."""
+    return {
+        "key": {"remoteJid": remote_jid, "fromMe": True, "id": key_id},
+        "pushName": "",
+        "status": "PENDING",
+        "message": {"conversation": text},
+        "messageType": "conversation",
+        "messageTimestamp": int(datetime.now(timezone.utc).timestamp()),
+        "instanceId": instance_uuid(instance),
+        "source": "unknown",
+    }
+
+
+def receipt_envelope(instance: str, key_id: str, remote_jid: str, status: str,
+                     url: str) -> dict[str, Any]:
+    """An Evolution 2.3 `messages.update` webhook for one of our sends."""
+    return {
+        "event": "messages.update",
+        "instance": instance,
+        "data": {"keyId": key_id, "remoteJid": remote_jid, "fromMe": True, "participant": None,
+                 "status": status, "instanceId": instance_uuid(instance),
+                 "messageId": new_cuid()},
+        "destination": url,
+        "date_time": _now_iso(),
+        "sender": remote_jid,
+        "server_url": SERVER_URL,
+        "apikey": None,
+    }
+
+
+async def _post_receipt(state: SandboxState, instance: str, key_id: str, remote_jid: str,
+                        status: str) -> None:
+    cfg = state.config
+    url = f"{cfg.webhook_url}/{instance}"
+    body = receipt_envelope(instance, key_id, remote_jid, status, url)
+    headers = {"x-webhook-secret": cfg.webhook_token} if cfg.webhook_token else {}
+    answer: int | None = None
+    error: str | None = None
+    attempts = 0
+    for attempts in range(1, RECEIPT_ATTEMPTS + 1):
+        try:
+            async with state.client.post(url, json=body, headers=headers) as resp:
+                await resp.read()
+                answer, error = resp.status, None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            answer, error = None, f"{type(exc).__name__}: {exc}"[:200]
+        if answer is not None and answer < 500:
+            break
+        if attempts < RECEIPT_ATTEMPTS:
+            await asyncio.sleep(RECEIPT_BACKOFF_S * 2 ** (attempts - 1))
+    state.receipts.appendleft({
+        "instance": instance, "key_id": key_id, "remote_jid": remote_jid, "status": status,
+        "url": url, "answer_status": answer, "error": error, "attempts": attempts,
+        "sent_at": _now_iso(),
+    })
+    if answer is None or answer >= 300:
+        log.warning("receipt %s %s to %s: %s", status, key_id, url, error or answer)
+
+
+async def _receipts(state: SandboxState, instance: str, key_id: str, remote_jid: str,
+                    read: bool) -> None:
+    cfg = state.config
+    await asyncio.sleep(cfg.receipt_delay_ms / 1000.0)
+    await _post_receipt(state, instance, key_id, remote_jid, "DELIVERY_ACK")
+    if read:
+        await asyncio.sleep(cfg.read_delay_ms / 1000.0)
+        await _post_receipt(state, instance, key_id, remote_jid, "READ")
+
+
+def schedule_receipts(state: SandboxState, instance: str, key_id: str, remote_jid: str) -> bool:
+    """Start the background receipts of one send, as the model says; True if any will come."""
+    cfg = state.config
+    if not cfg.webhook_url or state.client is None:
+        return False
+    if not state.rng.random() < cfg.receipt_share:
+        return False
+    read = state.rng.random() < cfg.read_share
+    if len(state.receipt_tasks) >= RECEIPT_BACKLOG:
+        state.receipts_dropped += 1
+        log.warning("receipt backlog full (%d): receipts of %s dropped", RECEIPT_BACKLOG, key_id)
+        return False
+    task = asyncio.create_task(_receipts(state, instance, key_id, remote_jid, read))
+    state.receipt_tasks.add(task)
+    task.add_done_callback(state.receipt_tasks.discard)
+    return True
+
+
 async def handle_send_text(request: web.Request) -> web.Response:
-    """Evolution sendText: record the send, answer 201 unless #evo_status= says otherwise."""
+    """Evolution sendText: record the send, answer 201 with the sent message unless told otherwise."""
     state = request.app[STATE]
+    instance = request.match_info["instance"]
     body = await _json_body(request) or {}
     number, text = body.get("number"), body.get("text")
-    valid = isinstance(text, str) and isinstance(number, (str, int)) and str(number).isdigit()
+    remote_jid = parse_number(number) if isinstance(text, str) else None
+    valid = remote_jid is not None
     directives = parse_directives(text) if isinstance(text, str) else Directives()
     status = (directives.evo_status or 201) if valid else 400
     if valid and directives.evo_fail_first and \
-            state.count_send((request.match_info["instance"], str(number), text)) < directives.evo_fail_first:
+            state.count_send((instance, str(number), text)) < directives.evo_fail_first:
         status = 503
+    key_id = new_key_id() if status < 300 else None
     state.sent.appendleft({
-        "instance": request.match_info["instance"],
+        "instance": instance,
         "number": None if number is None else str(number),
+        "remote_jid": remote_jid,
         "text": text,
+        "message_id": key_id,
         "apikey_present": bool(request.headers.get("apikey")),
         "received_at": _now_iso(),
         "status": status,
     })
-    log.debug("sendText %s status=%d", request.match_info["instance"], status)
+    log.debug("sendText %s status=%d", instance, status)
     cfg = state.config
     await asyncio.sleep(_lognormal_s(state.rng, cfg.evo_latency_ms, cfg.latency_sigma))
     if not valid:
-        return _error(400, "body must be {\"number\": \"<digits>\", \"text\": \"<text>\"}")
+        return _error(400, "body must be {\"number\": \"<digits>|<digits>@s.whatsapp.net|"
+                           "<lid>@lid\", \"text\": \"<text>\"}")
     if status >= 300:
         return _status_response(status, {"error": f"sandbox evolution answered {status} as asked"})
-    return _status_response(status, {"key": {"id": secrets.token_hex(10).upper()},
-                                     "status": "PENDING"})
+    schedule_receipts(state, instance, key_id, remote_jid)
+    return _status_response(status, sent_message(instance, remote_jid, text, key_id))
 
 
 async def handle_sent_list(request: web.Request) -> web.Response:
@@ -456,6 +643,32 @@ async def handle_sent_clear(request: web.Request) -> web.Response:
     """DELETE /sent: forget every send."""
     request.app[STATE].sent.clear()
     return web.json_response({"status": "cleared"})
+
+
+async def handle_receipts_list(request: web.Request) -> web.Response:
+    """GET /receipts: the receipts sent to the gateway with its answers, newest first."""
+    return web.json_response(list(request.app[STATE].receipts))
+
+
+async def handle_receipts_clear(request: web.Request) -> web.Response:
+    """DELETE /receipts: forget the receipts sent."""
+    request.app[STATE].receipts.clear()
+    return web.json_response({"status": "cleared"})
+
+
+async def _receipt_client(app: web.Application) -> Any:
+    state = app[STATE]
+    if state.config.webhook_url:
+        state.client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=RECEIPT_TIMEOUT_S),
+            connector=aiohttp.TCPConnector(limit=64))
+    yield
+    for task in list(state.receipt_tasks):
+        task.cancel()
+    await asyncio.gather(*state.receipt_tasks, return_exceptions=True)
+    if state.client is not None:
+        await state.client.close()
+        state.client = None
 
 
 # ---------------------------------------------------------------- alerts, calls, health
@@ -507,10 +720,13 @@ def create_app(config: SandboxConfig | None = None) -> web.Application:
     """Build the sandbox application (usable in-process by tests)."""
     app = web.Application(client_max_size=2 * 1024 * 1024)
     app[STATE] = SandboxState(config or SandboxConfig())
+    app.cleanup_ctx.append(_receipt_client)
     app.router.add_post("/api/v1/agent/{agent_name}/run", handle_agent_run)
     app.router.add_post("/message/sendText/{instance}", handle_send_text)
     app.router.add_get("/sent", handle_sent_list)
     app.router.add_delete("/sent", handle_sent_clear)
+    app.router.add_get("/receipts", handle_receipts_list)
+    app.router.add_delete("/receipts", handle_receipts_clear)
     app.router.add_post("/alerts", handle_alert_post)
     app.router.add_get("/alerts", handle_alert_list)
     app.router.add_delete("/alerts", handle_alert_clear)
@@ -549,6 +765,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("sandbox listening on http://%s:%d (median=%gms sigma=%g slow=%g fail=%g evo=%gms)",
              config.host, config.port, config.latency_median_ms, config.latency_sigma,
              config.slow_rate, config.fail_rate, config.evo_latency_ms)
+    if config.webhook_url:
+        log.info("receipts to %s/<instance> (delivered %g after %gms, read %g after %gms more)",
+                 config.webhook_url, config.receipt_share, config.receipt_delay_ms,
+                 config.read_share, config.read_delay_ms)
     try:
         # A short shutdown timeout: #hang and slow requests must not delay a stop.
         web.run_app(create_app(config), host=config.host, port=config.port,

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -250,6 +251,8 @@ def test_fault_directives(sandbox_url):
 
 @pytest.mark.parametrize("name,value", [("SANDBOX_SLOW_RATE", "abc"),
                                         ("SANDBOX_FAIL_RATE", "1.5"),
+                                        ("SANDBOX_RECEIPT_SHARE", "2"),
+                                        ("SANDBOX_WEBHOOK_URL", "ftp://x"),
                                         ("SANDBOX_PORT", "99999"),
                                         ("SANDBOX_LATENCY_MEDIAN_MS", "-5")])
 def test_bad_env_value_is_an_error(name, value):
@@ -258,6 +261,222 @@ def test_bad_env_value_is_an_error(name, value):
                           capture_output=True, text=True, timeout=10)
     assert proc.returncode != 0
     assert name in proc.stderr
+
+
+@pytest.mark.parametrize("number,remote_jid", [
+    ("5511999990000", "5511999990000@s.whatsapp.net"),
+    ("5511999990000@s.whatsapp.net", "5511999990000@s.whatsapp.net"),
+    ("103899771998284@lid", "103899771998284@lid"),
+])
+def test_send_text_answers_like_evolution(sandbox_url, number, remote_jid):
+    requests.delete(f"{sandbox_url}/sent", timeout=5)
+    resp = send_text(sandbox_url, "Echo: hi", number=number)
+    assert resp.status_code == 201
+    body = resp.json()
+    assert body["key"]["remoteJid"] == remote_jid and body["key"]["fromMe"] is True
+    assert re.fullmatch(r"3EB0[0-9A-F]{16}", body["key"]["id"])
+    assert body["status"] == "PENDING" and body["pushName"] == ""
+    assert body["message"] == {"conversation": "Echo: hi"}
+    assert body["messageType"] == "conversation" and body["source"] == "unknown"
+    assert isinstance(body["messageTimestamp"], int) and abs(body["messageTimestamp"] - time.time()) < 60
+    uuid.UUID(body["instanceId"])
+    sent = requests.get(f"{sandbox_url}/sent", timeout=5).json()[0]
+    assert sent["message_id"] == body["key"]["id"] and sent["number"] == number
+    assert sent["remote_jid"] == remote_jid
+
+
+@pytest.mark.parametrize("number", ["", "abc", "+5511999990000", "5511@g.us", "@lid", "55 11",
+                                    "5511@s.whatsapp.net.evil", None, True, 5.5, ["551"]])
+def test_send_text_refuses_junk_numbers(sandbox_url, number):
+    resp = requests.post(f"{sandbox_url}/message/sendText/demo",
+                         json={"number": number, "text": "x"}, timeout=5)
+    assert resp.status_code == 400 and "error" in resp.json()
+    sent = requests.get(f"{sandbox_url}/sent", timeout=5).json()[0]
+    assert sent["status"] == 400 and sent["message_id"] is None
+
+
+class ReceiptSink(ThreadingHTTPServer):
+    """A stand-in for the gateway's webhook that records receipts and answers `status`."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int = 200) -> None:
+        super().__init__(("127.0.0.1", 0), ReceiptHandler)
+        self.status = status
+        self.lock = threading.Lock()
+        self.got: list[dict] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/webhook/evolution"
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[dict]:
+        """The first `count` requests, waiting for them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if len(self.got) >= count:
+                    return list(self.got)
+            assert time.monotonic() < deadline, f"only {len(self.got)} of {count} receipts"
+            time.sleep(0.02)
+
+    def __enter__(self) -> "ReceiptSink":
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class ReceiptHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        sink: ReceiptSink = self.server
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with sink.lock:
+            sink.got.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                             "body": json.loads(raw), "at": time.monotonic()})
+        data = b'{"status": "recorded"}'
+        self.send_response(sink.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture()
+def receipt_box(request):
+    """A sandbox started with the given SANDBOX_* settings; yields (url, proc)."""
+    procs = []
+
+    def start(**env: str) -> str:
+        port = free_port()
+        log = tempfile.TemporaryFile()
+        proc = subprocess.Popen([sys.executable, "-m", "demo.sandbox", "--port", str(port)],
+                                cwd=ROOT, env=clean_env(**env), stdout=log, stderr=log)
+        procs.append((proc, log))
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, proc)
+        return url
+
+    yield start
+    for proc, log in procs:
+        stop_process(proc)
+        log.close()
+
+
+def test_receipts_delivered_then_read(receipt_box):
+    with ReceiptSink() as sink:
+        url = receipt_box(SANDBOX_WEBHOOK_URL=sink.url, SANDBOX_WEBHOOK_TOKEN="hook-secret",
+                          SANDBOX_RECEIPT_DELAY_MS="100", SANDBOX_READ_DELAY_MS="300",
+                          SANDBOX_READ_SHARE="1")
+        started = time.monotonic()
+        resp = requests.post(f"{url}/message/sendText/whatsapp-bot",
+                             json={"number": "103899771998284@lid", "text": "Echo: hi"}, timeout=5)
+        assert resp.status_code == 201
+        sent = resp.json()
+        ack, read = sink.wait_for(2)
+        time.sleep(0.3)
+        assert len(sink.got) == 2, "one DELIVERY_ACK and one READ per send"
+    assert ack["path"] == read["path"] == "/webhook/evolution/whatsapp-bot"
+    assert ack["headers"]["x-webhook-secret"] == "hook-secret"
+    assert ack["at"] - started >= 0.1 and read["at"] - ack["at"] >= 0.3
+    for got, status in ((ack, "DELIVERY_ACK"), (read, "READ")):
+        body = got["body"]
+        assert set(body) == {"event", "instance", "data", "destination", "date_time", "sender",
+                             "server_url", "apikey"}
+        assert body["event"] == "messages.update" and body["instance"] == "whatsapp-bot"
+        assert body["destination"] == f"{sink.url}/whatsapp-bot"
+        assert body["sender"] == "103899771998284@lid" and body["apikey"] is None
+        assert body["server_url"] == "http://sandbox:8890"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", body["date_time"])
+        data = body["data"]
+        assert set(data) == {"keyId", "remoteJid", "fromMe", "participant", "status",
+                             "instanceId", "messageId"}
+        assert data["keyId"] == sent["key"]["id"] and data["remoteJid"] == sent["key"]["remoteJid"]
+        assert data["fromMe"] is True and data["participant"] is None
+        assert data["status"] == status and data["instanceId"] == sent["instanceId"]
+        assert re.fullmatch(r"cm[a-z0-9]{23}", data["messageId"])
+    assert ack["body"]["data"]["messageId"] != read["body"]["data"]["messageId"]
+    receipts = requests.get(f"{url}/receipts", timeout=5).json()
+    assert [(r["status"], r["answer_status"], r["key_id"]) for r in receipts] == [
+        ("READ", 200, sent["key"]["id"]), ("DELIVERY_ACK", 200, sent["key"]["id"])]
+    assert requests.delete(f"{url}/receipts", timeout=5).status_code == 200
+    assert requests.get(f"{url}/receipts", timeout=5).json() == []
+
+
+def test_receipts_retry_5xx_not_4xx(receipt_box):
+    with ReceiptSink(status=503) as sink:
+        url = receipt_box(SANDBOX_WEBHOOK_URL=sink.url, SANDBOX_RECEIPT_DELAY_MS="0",
+                          SANDBOX_READ_SHARE="0")
+        assert send_text(url, "Echo: retried").status_code == 201
+        got = sink.wait_for(sandbox.RECEIPT_ATTEMPTS, timeout=15)
+        assert {g["body"]["data"]["keyId"] for g in got} == {got[0]["body"]["data"]["keyId"]}
+        deadline = time.monotonic() + 10
+        while not (receipts := requests.get(f"{url}/receipts", timeout=5).json()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert receipts[0]["attempts"] == sandbox.RECEIPT_ATTEMPTS
+        assert receipts[0]["answer_status"] == 503
+        assert len(sink.got) == sandbox.RECEIPT_ATTEMPTS, "bounded retries"
+
+        sink.status = 401
+        with sink.lock:
+            sink.got.clear()
+        assert send_text(url, "Echo: refused").status_code == 201
+        sink.wait_for(1)
+        time.sleep(1.0)  # longer than the first backoff: a retry would have come
+        assert len(sink.got) == 1
+        assert requests.get(f"{url}/receipts", timeout=5).json()[0]["answer_status"] == 401
+
+
+def test_receipts_off_without_url_or_share(receipt_box):
+    with ReceiptSink() as sink:
+        none_url = receipt_box(SANDBOX_RECEIPT_DELAY_MS="0")
+        zero_url = receipt_box(SANDBOX_WEBHOOK_URL=sink.url, SANDBOX_RECEIPT_SHARE="0",
+                               SANDBOX_RECEIPT_DELAY_MS="0")
+        for url in (none_url, zero_url):
+            for i in range(5):
+                assert send_text(url, f"Echo: {i}").status_code == 201
+        # A failed send is no message: nothing to receipt either.
+        read_url = receipt_box(SANDBOX_WEBHOOK_URL=sink.url, SANDBOX_RECEIPT_DELAY_MS="0")
+        assert send_text(read_url, "Echo: x #evo_status=500").status_code == 500
+        time.sleep(0.5)
+        assert sink.got == []
+    for url in (none_url, zero_url, read_url):
+        assert requests.get(f"{url}/receipts", timeout=5).json() == []
+
+
+def test_read_share_picks_some_reads(receipt_box):
+    with ReceiptSink() as sink:
+        url = receipt_box(SANDBOX_WEBHOOK_URL=sink.url, SANDBOX_RECEIPT_DELAY_MS="0",
+                          SANDBOX_READ_DELAY_MS="0", SANDBOX_READ_SHARE="0.5", SANDBOX_SEED="4")
+        for i in range(40):
+            assert send_text(url, f"Echo: {i}").status_code == 201
+        sink.wait_for(40)
+        time.sleep(0.5)
+        statuses = Counter(g["body"]["data"]["status"] for g in sink.got)
+    assert statuses["DELIVERY_ACK"] == 40 and 8 <= statuses["READ"] <= 32
+
+
+def test_receipt_config_from_env():
+    cfg = sandbox.config_from_env({})
+    assert cfg.webhook_url == "" and cfg.webhook_token == ""
+    assert (cfg.receipt_delay_ms, cfg.read_delay_ms, cfg.receipt_share, cfg.read_share) == \
+        (300, 1500, 1.0, 0.8)
+    cfg = sandbox.config_from_env({"SANDBOX_WEBHOOK_URL": "http://omni:8882/webhook/evolution/",
+                                   "SANDBOX_READ_SHARE": "0.25"})
+    assert cfg.webhook_url == "http://omni:8882/webhook/evolution" and cfg.read_share == 0.25
+    for name, value in [("SANDBOX_RECEIPT_SHARE", "1.5"), ("SANDBOX_READ_SHARE", "x"),
+                        ("SANDBOX_RECEIPT_DELAY_MS", "-1"), ("SANDBOX_READ_DELAY_MS", "nan"),
+                        ("SANDBOX_WEBHOOK_URL", "omni:8882/webhook")]:
+        with pytest.raises(sandbox.ConfigError, match=name):
+            sandbox.config_from_env({name: value})
 
 
 # ---------------------------------------------------------------- sandbox in-process
