@@ -8,12 +8,20 @@ by slow answers, so the gateway sees the rate asked for.  A share of messages
 carries sandbox directives (``#delay=``, ``#status=``, ``#evo_status=``) so the
 dashboards show slow and failed messages.  At the end (or on Ctrl-C/SIGTERM) it
 prints one JSON summary line to stdout; progress lines go to stderr.
+
+``--mix realistic`` (the default) sends what Evolution API 2.2-2.3 sends today: mostly
+LID-addressed chats (with the phone in ``remoteJidAlt`` or ``senderPn``, or none at all),
+phone JIDs, captions, extended text, voice notes, reactions, group messages and edits,
+some with ``messageTimestamp`` as a protobuf Long; see ``SHAPES``.  ``--mix text`` sends
+plain text messages from phone JIDs only.  ``--by-events`` posts to Evolution's
+webhookByEvents URL (``.../{instance}/messages-upsert``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import math
 import os
@@ -25,9 +33,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
+
+from demo.sandbox import instance_uuid
 
 DEFAULT_SANDBOX_URL = "http://127.0.0.1:8890"
 STARTUP_RETRY_S = 60.0
@@ -46,6 +56,17 @@ TEXTS = ("What can you do?", "Hi! Are you open today?", "I need help with my ord
          "Please send me the invoice for last month",
          "Does the app work on Android?", "What are your opening hours on Sunday?")
 FAIL_DIRECTIVES = ("#status=500", "#status=401", "#evo_status=500")
+CAPTIONS = ("Is this the right part?", "Here is the receipt", "Look at this",
+            "The box arrived like this", "Which size is this?", "Screenshot of the error")
+EDITS = ("sorry, I meant Friday", "corrected: order 4521", "never mind, found it")
+REACTIONS = ("👍", "❤️", "😂", "🙏", "😮")
+SOURCES = ("android", "ios", "web")
+# Some Evolution builds serialise messageTimestamp as a protobuf Long object.
+LONG_TIMESTAMP_SHARE = 0.1
+CONTEXT_INFO_SHARE = 0.3
+# Evolution's `sender` is the instance's own WhatsApp number.
+INSTANCE_OWNER_JID = "5511900000000@s.whatsapp.net"
+SERVER_URL = "http://evolution:8080"
 
 
 class SetupError(RuntimeError):
@@ -95,18 +116,25 @@ def build_webhook(instance: str, user_digits: str, text: str, message_id: str | 
 
 @dataclass(frozen=True)
 class Persona:
-    """A demo sender."""
+    """A demo sender: phone digits, first name and WhatsApp LID."""
 
     digits: str
     name: str
+    lid: str = ""
 
 
 def make_personas(count: int, rng: random.Random) -> list[Persona]:
-    """Distinct Brazilian-looking mobile numbers with first names."""
+    """Distinct Brazilian-looking mobile numbers with first names and distinct LIDs."""
     numbers: set[str] = set()
     while len(numbers) < count:
         numbers.add(f"55{rng.randint(11, 99)}9{rng.randint(0, 99_999_999):08d}")
-    return [Persona(n, rng.choice(NAMES)) for n in sorted(numbers)]
+    people = [(n, rng.choice(NAMES)) for n in sorted(numbers)]
+    lids: list[str] = []
+    while len(lids) < count:
+        lid = f"1{rng.randint(0, 10**14 - 1):014d}"
+        if lid not in lids:
+            lids.append(lid)
+    return [Persona(n, name, lid) for (n, name), lid in zip(people, lids)]
 
 
 def pick_text(rng: random.Random, slow_rate: float, fail_rate: float) -> str:
@@ -117,6 +145,219 @@ def pick_text(rng: random.Random, slow_rate: float, fail_rate: float) -> str:
     if rng.random() < fail_rate:
         text += " " + rng.choice(FAIL_DIRECTIVES)
     return text
+
+
+# ---------------------------------------------------------------- realistic shapes
+
+
+def platform_timestamp(rng: random.Random, now: float | None = None) -> int | dict[str, Any]:
+    """WhatsApp's messageTimestamp: int seconds, sometimes the Long object form."""
+    seconds = int(time.time() if now is None else now)
+    if rng.random() < LONG_TIMESTAMP_SHARE:
+        return {"low": seconds, "high": 0, "unsigned": False}
+    return seconds
+
+
+def _phone_jid(persona: Persona) -> str:
+    return f"{persona.digits}@s.whatsapp.net"
+
+
+def _lid_jid(persona: Persona) -> str:
+    return f"{persona.lid}@lid"
+
+
+def _b64(rng: random.Random, size: int) -> str:
+    return base64.b64encode(rng.getrandbits(size * 8).to_bytes(size, "big")).decode()
+
+
+def _context_info(rng: random.Random) -> dict[str, Any]:
+    stamp = str(int(time.time()) - rng.randint(3600, 30 * 86400))
+    return {"deviceListMetadata": {"senderKeyHash": _b64(rng, 10), "senderTimestamp": stamp,
+                                   "recipientKeyHash": _b64(rng, 10), "recipientTimestamp": stamp},
+            "deviceListMetadataVersion": 2,
+            "messageSecret": _b64(rng, 32)}
+
+
+def _text_message(rng: random.Random, text: str) -> dict[str, Any]:
+    message: dict[str, Any] = {"conversation": text}
+    if rng.random() < CONTEXT_INFO_SHARE:
+        message["messageContextInfo"] = _context_info(rng)
+    return message
+
+
+def _media_url(rng: random.Random, kind: str) -> str:
+    return f"https://mmg.whatsapp.net/v/t62.{kind}-24/{rng.getrandbits(64):016x}.enc?ccb=11-4"
+
+
+def evolution_envelope(instance: str, key: dict[str, Any], push_name: str,
+                       message: dict[str, Any], message_type: str, rng: random.Random,
+                       destination: str | None = None, now: float | None = None) -> dict[str, Any]:
+    """A `messages.upsert` envelope with every field Evolution 2.3 puts in it."""
+    return {
+        "event": "messages.upsert",
+        "instance": instance,
+        "data": {
+            "key": key,
+            "pushName": push_name,
+            "status": "DELIVERY_ACK",
+            "message": message,
+            "messageType": message_type,
+            "messageTimestamp": platform_timestamp(rng, now),
+            "instanceId": instance_uuid(instance),
+            "source": rng.choice(SOURCES),
+        },
+        "destination": destination or f"http://omni:8882/webhook/evolution/{instance}",
+        "date_time": _iso_now(),
+        "sender": INSTANCE_OWNER_JID,
+        "server_url": SERVER_URL,
+        "apikey": None,
+    }
+
+
+def _key(remote_jid: str, message_id: str | None, rng: random.Random, **extra: Any) -> dict[str, Any]:
+    return {"remoteJid": remote_jid, "fromMe": False,
+            "id": message_id or new_message_id(rng), **extra}
+
+
+def build_lid_with_phone(instance: str, persona: Persona, text: str, rng: random.Random,
+                         message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A LID chat with the phone in key.remoteJidAlt (most traffic on Evolution 2.3)."""
+    key = _key(_lid_jid(persona), message_id, rng, remoteJidAlt=_phone_jid(persona),
+               addressingMode="lid")
+    return evolution_envelope(instance, key, persona.name, _text_message(rng, text),
+                              "conversation", rng, **kw)
+
+
+def build_lid_sender_pn(instance: str, persona: Persona, text: str, rng: random.Random,
+                        message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A LID chat with the phone in key.senderPn (Evolution 2.3.0 builds)."""
+    key = _key(_lid_jid(persona), message_id, rng, senderPn=_phone_jid(persona))
+    return evolution_envelope(instance, key, persona.name, _text_message(rng, text),
+                              "conversation", rng, **kw)
+
+
+def build_lid_only(instance: str, persona: Persona, text: str, rng: random.Random,
+                   message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A LID chat with no phone anywhere."""
+    key = _key(_lid_jid(persona), message_id, rng)
+    return evolution_envelope(instance, key, persona.name, _text_message(rng, text),
+                              "conversation", rng, **kw)
+
+
+def build_phone_jid(instance: str, persona: Persona, text: str, rng: random.Random,
+                    message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A chat addressed by phone JID, as before the LID migration."""
+    key = _key(_phone_jid(persona), message_id, rng)
+    return evolution_envelope(instance, key, persona.name, _text_message(rng, text),
+                              "conversation", rng, **kw)
+
+
+def build_image_caption(instance: str, persona: Persona, text: str, rng: random.Random,
+                        message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """An image whose caption is the text."""
+    key = _key(_lid_jid(persona), message_id, rng, remoteJidAlt=_phone_jid(persona),
+               addressingMode="lid")
+    message = {"imageMessage": {"url": _media_url(rng, "7118"), "mimetype": "image/jpeg",
+                                "caption": text, "height": 1280, "width": 960}}
+    return evolution_envelope(instance, key, persona.name, message, "imageMessage", rng, **kw)
+
+
+def build_extended_text(instance: str, persona: Persona, text: str, rng: random.Random,
+                        message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """An extendedTextMessage (a text with a link preview or a quote)."""
+    key = _key(_lid_jid(persona), message_id, rng, remoteJidAlt=_phone_jid(persona),
+               addressingMode="lid")
+    return evolution_envelope(instance, key, persona.name, {"extendedTextMessage": {"text": text}},
+                              "extendedTextMessage", rng, **kw)
+
+
+def build_voice_note(instance: str, persona: Persona, text: str, rng: random.Random,
+                     message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A voice note: audioMessage with ptt (no text to answer)."""
+    key = _key(_lid_jid(persona), message_id, rng, remoteJidAlt=_phone_jid(persona),
+               addressingMode="lid")
+    message = {"audioMessage": {"url": _media_url(rng, "7117"),
+                                "mimetype": "audio/ogg; codecs=opus",
+                                "seconds": rng.randint(1, 90), "ptt": True}}
+    return evolution_envelope(instance, key, persona.name, message, "audioMessage", rng, **kw)
+
+
+def build_reaction(instance: str, persona: Persona, text: str, rng: random.Random,
+                   message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A reaction to one of our replies."""
+    remote = _lid_jid(persona)
+    key = _key(remote, message_id, rng, remoteJidAlt=_phone_jid(persona), addressingMode="lid")
+    reacted = {"remoteJid": remote, "fromMe": True, "id": new_message_id(rng)}
+    message = {"reactionMessage": {"key": reacted, "text": rng.choice(REACTIONS),
+                                   "senderTimestampMs": str(int(time.time() * 1000))}}
+    return evolution_envelope(instance, key, persona.name, message, "reactionMessage", rng, **kw)
+
+
+def build_group(instance: str, persona: Persona, text: str, rng: random.Random,
+                message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A message in a group the instance belongs to."""
+    group = f"120363{rng.randint(0, 10**12 - 1):012d}@g.us"
+    key = _key(group, message_id, rng, participant=_phone_jid(persona))
+    return evolution_envelope(instance, key, persona.name, _text_message(rng, text),
+                              "conversation", rng, **kw)
+
+
+def build_edit(instance: str, persona: Persona, text: str, rng: random.Random,
+               message_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    """An edit of an earlier message: protocolMessage MESSAGE_EDIT."""
+    remote = _lid_jid(persona)
+    key = _key(remote, message_id, rng, remoteJidAlt=_phone_jid(persona), addressingMode="lid")
+    edited = {"remoteJid": remote, "fromMe": False, "id": new_message_id(rng)}
+    message = {"protocolMessage": {"key": edited, "type": "MESSAGE_EDIT",
+                                   "editedMessage": {"conversation": rng.choice(EDITS)},
+                                   "timestampMs": str(int(time.time() * 1000))}}
+    return evolution_envelope(instance, key, persona.name, message, "protocolMessage", rng, **kw)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One kind of Evolution webhook in the realistic mix."""
+
+    name: str
+    weight: float
+    build: Callable[..., dict[str, Any]]
+    # The gateway can map this LID to a phone only after it saw both together.
+    needs_known_lid: bool = False
+    # Carries the persona's phone beside its LID (teaches the gateway the mapping).
+    shows_phone: bool = False
+
+
+# Weights are percentages of the traffic (they sum to 100).
+SHAPES: tuple[Shape, ...] = (
+    Shape("lid_with_phone", 55, build_lid_with_phone, shows_phone=True),
+    Shape("lid_sender_pn", 5, build_lid_sender_pn, shows_phone=True),
+    Shape("lid_only", 10, build_lid_only, needs_known_lid=True),
+    Shape("phone_jid", 10, build_phone_jid),
+    Shape("image_caption", 5, build_image_caption, shows_phone=True),
+    Shape("extended_text", 5, build_extended_text, shows_phone=True),
+    Shape("voice_note", 3, build_voice_note, shows_phone=True),
+    Shape("reaction", 3, build_reaction, shows_phone=True),
+    Shape("group", 2, build_group),
+    Shape("edit", 2, build_edit, shows_phone=True),
+)
+SHAPES_BY_NAME = {shape.name: shape for shape in SHAPES}
+
+
+def pick_shape(rng: random.Random, shapes: tuple[Shape, ...] = SHAPES) -> Shape:
+    """One shape, drawn by weight."""
+    return rng.choices(shapes, weights=[s.weight for s in shapes])[0]
+
+
+def event_path(event: str) -> str:
+    """Evolution's webhookByEvents suffix for an event: 'messages.upsert' -> 'messages-upsert'."""
+    return event.lower().replace("_", "-").replace(".", "-")
+
+
+def webhook_url(base_url: str, instance: str, by_events: bool = False,
+                event: str = "messages.upsert") -> str:
+    """Where Evolution posts an instance's webhooks (with the event suffix when by_events)."""
+    url = f"{base_url.rstrip('/')}/webhook/evolution/{instance}"
+    return f"{url}/{event_path(event)}" if by_events else url
 
 
 # ---------------------------------------------------------------- statistics
@@ -131,6 +372,7 @@ class Stats:
     skipped: int = 0
     errors: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
+    by_shape: Counter[str] = field(default_factory=Counter)
     error_kinds: Counter[str] = field(default_factory=Counter)
     samples: list[float] = field(default_factory=list)
     seen: int = 0
@@ -174,6 +416,7 @@ class Stats:
             "ack_ms": self.percentiles(),
             "skipped": self.skipped,
             "error_kinds": dict(self.error_kinds),
+            "by_shape": dict(sorted(self.by_shape.items())),
             "elapsed_s": round(elapsed_s, 2),
         }
 
@@ -233,7 +476,7 @@ class Sender:
         self.session = session
         self.args = args
         self.rng = rng
-        self.url = f"{args.url.rstrip('/')}/webhook/evolution/{args.instance}"
+        self.url = webhook_url(args.url, args.instance, by_events=args.by_events)
         self.headers = {"x-webhook-secret": args.webhook_secret} if args.webhook_secret else {}
         self.personas = make_personas(args.users, rng)
         self.stats = Stats(rng=random.Random(rng.random()))
@@ -242,15 +485,41 @@ class Sender:
         # Beyond this many queued sends the target is hopelessly behind; skipping
         # keeps memory bounded instead of piling up tasks forever.
         self.max_backlog = max(1000, args.concurrency * 50)
+        # Personas whose LID was already sent beside their phone, in order of first sight.
+        self.known_lids: list[Persona] = []
+        self._known: set[str] = set()
 
     def next_envelope(self) -> dict[str, Any]:
         """The next random message envelope."""
+        if self.args.mix == "text":
+            return self._text_envelope()
+        return self._realistic_envelope()
+
+    def _text_envelope(self) -> dict[str, Any]:
         persona = self.rng.choice(self.personas)
         text = pick_text(self.rng, self.args.slow_rate, self.args.fail_rate)
+        self.stats.by_shape["text"] += 1
         return build_webhook(self.args.instance, persona.digits, text,
                              message_id=new_message_id(self.rng),
                              extended=self.rng.random() < EXTENDED_SHARE,
                              push_name=persona.name)
+
+    def _realistic_envelope(self) -> dict[str, Any]:
+        shape = pick_shape(self.rng)
+        if shape.needs_known_lid and self.known_lids:
+            persona = self.rng.choice(self.known_lids)
+        else:
+            if shape.needs_known_lid:
+                # No LID seen with its phone yet: this one teaches the gateway first.
+                shape = SHAPES_BY_NAME["lid_with_phone"]
+            persona = self.rng.choice(self.personas)
+        if shape.shows_phone and persona.lid not in self._known:
+            self._known.add(persona.lid)
+            self.known_lids.append(persona)
+        text = pick_text(self.rng, self.args.slow_rate, self.args.fail_rate)
+        self.stats.by_shape[shape.name] += 1
+        return shape.build(self.args.instance, persona, text, self.rng,
+                           message_id=new_message_id(self.rng), destination=self.url)
 
     async def send_one(self, envelope: dict[str, Any], scheduled: float) -> None:
         """POST one webhook; latency counts from the scheduled time (no coordinated omission)."""
@@ -419,6 +688,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail-rate", type=_share, default=0.03,
                    help="share of messages asking for an agent 500/401 or Evolution 500")
     p.add_argument("--webhook-secret", default=None, help="sent as header x-webhook-secret")
+    p.add_argument("--mix", choices=("realistic", "text"), default="realistic",
+                   help="realistic: Evolution 2.3 traffic (LIDs, media, reactions, groups, "
+                        "edits); text: plain text messages from phone JIDs")
+    p.add_argument("--by-events", action="store_true",
+                   help="post to Evolution's webhookByEvents URL .../{instance}/messages-upsert")
     p.add_argument("--concurrency", type=_positive(int), default=64,
                    help="max in-flight HTTP requests")
     p.add_argument("--seed", type=int, default=None)
