@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from app.db import Database, execute_values
@@ -14,7 +15,8 @@ TRACE_STATUSES = ("processing", "completed", "failed", "error")
 PURGE_LOCK_ID = 72_011_002
 
 TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_content, response_content,
-    status, duration_ms, created_at, updated_at, steps, failed_step, error_message"""
+    status, duration_ms, created_at, updated_at, steps, failed_step, error_message,
+    input_tokens, output_tokens, cost_usd::float8 AS cost_usd, agent_session_id"""
 
 
 # A batch travels as one jsonb array of positional rows, not as VALUES literals: one
@@ -22,7 +24,9 @@ TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_conten
 # bench/), and a short statement for PostgreSQL to parse whatever the batch size.
 _FINISH_SQL = """UPDATE message_trace t SET status = v.r->>1, duration_ms = (v.r->>2)::int,
         response_content = v.r->>3, steps = v.r->4, failed_step = v.r->>5,
-        error_message = v.r->>6, updated_at = (v.r->>7)::timestamptz
+        error_message = v.r->>6, updated_at = (v.r->>7)::timestamptz,
+        input_tokens = (v.r->>8)::int, output_tokens = (v.r->>9)::int,
+        cost_usd = (v.r->>10)::numeric, agent_session_id = v.r->>11
     FROM jsonb_array_elements(%(fin)s::jsonb) AS v(r)
     WHERE t.trace_id = (v.r->>0)::uuid AND t.status = 'processing'"""
 _INSERT_SQL = """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id,
@@ -86,6 +90,10 @@ class FinishedTrace:
     failed_step: str | None
     error_message: str | None
     updated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: Decimal | None = None
+    agent_session_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,9 @@ class TraceStore:
         if finished:
             params["fin"] = rows_json([
                 [str(r.trace_id), r.status, r.duration_ms, r.response_content, r.steps,
-                 r.failed_step, r.error_message, r.updated_at.isoformat()] for r in finished])
+                 r.failed_step, r.error_message, r.updated_at.isoformat(), r.input_tokens,
+                 r.output_tokens, None if r.cost_usd is None else str(r.cost_usd),
+                 r.agent_session_id] for r in finished])
         if rows:
             params["new"] = rows_json([
                 [str(r.trace_id), r.instance_id, r.instance_name, r.message_id, r.user_id,
