@@ -27,6 +27,47 @@ class AgentReply:
 
     text: str
     first_chunk_s: float | None = None
+    # Token usage as the agent reported it; None when it did not say (never guessed as 0).
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    session_id: str | None = None
+
+
+# The names agents use for (input, output) tokens in their `usage` object.
+USAGE_KEYS = (("request_tokens", "response_tokens"), ("prompt_tokens", "completion_tokens"),
+              ("input_tokens", "output_tokens"))
+MAX_SESSION_ID = 256
+
+
+def _token_count(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value != value or not 0 <= value < 2**31 or int(value) != value:
+        return None
+    return int(value)
+
+
+def parse_usage(data: object) -> tuple[int | None, int | None]:
+    """(input, output) tokens from a reply or stream event's `usage`; None where not said.
+
+    A malformed usage is ignored rather than failing the message: it is telemetry.
+    """
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None, None
+    for inp, out in USAGE_KEYS:
+        if inp in usage or out in usage:
+            return _token_count(usage.get(inp)), _token_count(usage.get(out))
+    return None, None
+
+
+def parse_session_id(data: object) -> str | None:
+    """The agent's session id, if it gave a usable one."""
+    value = data.get("session_id") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = str(value)
+    return text[:MAX_SESSION_ID] if text else None
 
 
 def _http_reason(status: int) -> str:
@@ -66,24 +107,35 @@ def _parse_reply(raw: bytes) -> AgentReply:
         raise UpstreamError("bad_response", "agent returned an invalid response (no message)")
     if data.get("success") is False:
         raise UpstreamError("bad_response", "agent reported failure")
-    return AgentReply(text=data["message"])
+    inp, out = parse_usage(data)
+    return AgentReply(text=data["message"], input_tokens=inp, output_tokens=out,
+                      session_id=parse_session_id(data))
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> AgentReply:
     chunks: list[str] = []
     size = 0
     first: float | None = None
+    usage: tuple[int | None, int | None] = (None, None)
+    session_id: str | None = None
     async for raw_line in resp.content:
         line = raw_line.strip()
         if not line.startswith(b"data:"):
             continue
         payload = line[5:].strip()
         if payload == b"[DONE]":
-            return AgentReply(text="".join(chunks), first_chunk_s=first)
+            return AgentReply(text="".join(chunks), first_chunk_s=first, input_tokens=usage[0],
+                              output_tokens=usage[1], session_id=session_id)
         try:
-            content = json.loads(payload).get("content", "")
+            event = json.loads(payload)
+            content = event.get("content", "")
         except (ValueError, AttributeError):
             raise UpstreamError("bad_response", "agent stream sent an invalid chunk") from None
+        if "usage" in event:
+            usage = parse_usage(event)
+        session_id = parse_session_id(event) or session_id
+        if "usage" in event and "content" not in event:
+            continue  # a usage-only event is not a chunk of the reply
         if first is None:
             first = time.perf_counter() - started
         chunks.append(str(content))
