@@ -62,6 +62,11 @@ STEP_DURATION = Histogram("omni_message_step_duration_seconds",
 AGENT_FIRST_CHUNK = Histogram("omni_agent_first_chunk_seconds",
                               "Time from the agent call to its first streamed chunk.",
                               ["instance"], buckets=STEP_BUCKETS)
+AGENT_TOKENS = Counter("omni_agent_tokens_total", "Tokens the agent reported using, by type.",
+                       ["instance", "type"])
+AGENT_COST = Counter("omni_agent_cost_usd_total",
+                     "Cost of the agent's tokens in USD, at the instance's prices.", ["instance"])
+TOKEN_TYPES = ("input", "output")
 HTTP_DURATION = Histogram("omni_http_request_duration_seconds",
                           "HTTP requests served, by route template.",
                           ["method", "route", "status"], buckets=HTTP_BUCKETS)
@@ -139,6 +144,9 @@ def seed_instance(instance: str) -> None:
             for status in STEP_STATUSES:
                 STEP_DURATION.labels(instance=instance, step=step, status=status)
         AGENT_FIRST_CHUNK.labels(instance=instance)
+        for kind in TOKEN_TYPES:
+            AGENT_TOKENS.labels(instance=instance, type=kind)
+        AGENT_COST.labels(instance=instance)
         _seeded.add(instance)
 
 
