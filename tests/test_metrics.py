@@ -50,6 +50,10 @@ def test_known_series_start_at_zero(make_service):
     samples = parse_metrics(svc.metrics_text())
     assert ("omni_messages_total", frozenset({("instance", "fresh"), ("status", "failed")})) in samples
     assert metric(samples, "omni_messages_total", instance="fresh", status="failed") == 0
+    # No prices on the instance: its cost series exists and stays 0 while tokens count.
+    assert ("omni_agent_cost_usd_total", frozenset({("instance", "fresh")})) in samples
+    assert metric(samples, "omni_agent_cost_usd_total", instance="fresh") == 0
+    assert metric(samples, "omni_agent_tokens_total", instance="fresh", type="input") > 0
 
 
 def test_labels_have_no_high_cardinality_values(service, traffic):
