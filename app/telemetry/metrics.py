@@ -88,6 +88,9 @@ WORKER_CONNECTIONS = Gauge("omni_worker_open_connections",
                            "Open sockets of a worker (clients, database, upstreams, Loki).",
                            multiprocess_mode="liveall")
 WORKER_THREADS = Gauge("omni_worker_threads", "Threads of a worker.", multiprocess_mode="liveall")
+COST_BUDGET = Gauge("omni_cost_budget_usd_per_day",
+                    "Daily agent cost budget of the omni-cost-burn alert (0: no alert).",
+                    multiprocess_mode="max")
 BUILD_INFO = Gauge("omni_build_info", "Version of the running service.", ["version"],
                    multiprocess_mode="max")
 
@@ -100,9 +103,10 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def seed_static(version: str) -> None:
+def seed_static(version: str, cost_budget_usd_per_day: float = 0.0) -> None:
     """Create the series whose labels are known in advance, at 0 (SPEC 5)."""
     BUILD_INFO.labels(version=version).set(1)
+    COST_BUDGET.set(cost_budget_usd_per_day)
     for upstream, reasons in UPSTREAM_REASONS.items():
         for reason in reasons:
             UPSTREAM_ERRORS.labels(upstream=upstream, reason=reason)
