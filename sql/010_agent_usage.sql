@@ -178,3 +178,13 @@ $compile$;
 -- The triggers of 006 keep calling the regenerated function; sessions recompile it on their
 -- next call.
 SELECT trace_rollup_compile();
+
+-- Grafana's read-only role reads tokens and cost (the cost panels), as sql/003 grants the
+-- other columns: a no-op where the role does not exist.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'grafana_reader') THEN
+        GRANT SELECT (input_tokens, output_tokens, cost_usd) ON public.message_trace TO grafana_reader;
+    END IF;
+END
+$$;
