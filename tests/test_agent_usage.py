@@ -158,3 +158,10 @@ def test_analytics_and_metrics_sum_n_messages_over_two_workers(service, sandbox)
 ])
 def test_parse_usage_reads_every_form_and_never_invents_zero(data, want):
     assert parse_usage(data) == want
+
+
+def test_cost_alert_budget_is_exported_for_the_alert(make_service):
+    svc = make_service({"AUTOMAGIK_OMNI_COST_ALERT_USD_PER_DAY": "42.5"}, workers=2)
+    samples = parse_metrics(svc.metrics_text())
+    # One value however many workers report it (multiprocess mode "max").
+    assert samples[("omni_cost_budget_usd_per_day", frozenset())] == 42.5

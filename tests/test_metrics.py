@@ -42,6 +42,7 @@ def test_known_series_start_at_zero(make_service):
     for upstream in ("agent", "evolution", "database", "loki"):
         assert ("omni_upstream_errors_total", frozenset({("upstream", upstream), ("reason", "connection" if upstream != "database" else "unavailable")})) in samples
     assert samples[("omni_log_records_dropped_total", frozenset())] == 0
+    assert samples[("omni_cost_budget_usd_per_day", frozenset())] == 0   # no cost alert
     assert metric(samples, "omni_webhook_rejected_total", reason="unknown_instance") == 0
     assert metric(samples, "omni_auth_failures_total", reason="wrong_key") == 0
     # An instance's series appear at 0 as soon as it is used once.
