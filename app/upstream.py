@@ -116,7 +116,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> AgentRep
     chunks: list[str] = []
     size = 0
     first: float | None = None
-    usage: tuple[int | None, int | None] = (None, None)
+    final_usage: tuple[int | None, int | None] = (None, None)
     session_id: str | None = None
     async for raw_line in resp.content:
         line = raw_line.strip()
@@ -124,15 +124,17 @@ async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> AgentRep
             continue
         payload = line[5:].strip()
         if payload == b"[DONE]":
-            return AgentReply(text="".join(chunks), first_chunk_s=first, input_tokens=usage[0],
-                              output_tokens=usage[1], session_id=session_id)
+            return AgentReply(text="".join(chunks), first_chunk_s=first, input_tokens=final_usage[0],
+                              output_tokens=final_usage[1], session_id=session_id)
         try:
             event = json.loads(payload)
             content = event.get("content", "")
         except (ValueError, AttributeError):
             raise UpstreamError("bad_response", "agent stream sent an invalid chunk") from None
-        if "usage" in event:
-            usage = parse_usage(event)
+        # Some agents send `"usage": null` on every chunk and the figures on the last one.
+        usage = parse_usage(event)
+        if usage != (None, None):
+            final_usage = usage
         session_id = parse_session_id(event) or session_id
         if "usage" in event and "content" not in event:
             continue  # a usage-only event is not a chunk of the reply

@@ -165,3 +165,49 @@ def test_cost_alert_budget_is_exported_for_the_alert(make_service):
     samples = parse_metrics(svc.metrics_text())
     # One value however many workers report it (multiprocess mode "max").
     assert samples[("omni_cost_budget_usd_per_day", frozenset())] == 42.5
+
+
+def test_stream_takes_the_usage_event_over_null_usage_on_chunks():
+    """OpenAI-style streams carry `"usage": null` on every chunk and the figures at the end."""
+    import asyncio
+    import json
+
+    import aiohttp
+    from aiohttp import web
+
+    from app.instances import Instance
+    from app.upstream import call_agent
+
+    events = [{"content": "Hel", "usage": None}, {"content": "lo", "usage": None},
+              {"usage": {"prompt_tokens": 11, "completion_tokens": 2}, "session_id": "s-42"}]
+
+    async def handler(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in events:
+            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/api/v1/agent/{name}/run", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        inst = Instance(id=1, name="x", agent_api_url=f"http://127.0.0.1:{port}", agent_api_key=None,
+                        agent_name="default", agent_timeout_s=5, agent_stream=True,
+                        evolution_url="http://127.0.0.1:1", evolution_api_key=None, evolution_instance="x",
+                        webhook_secret=None, enabled=True)
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await call_agent(session, inst, "hi", "whatsapp:+1", "1")
+        finally:
+            await runner.cleanup()
+
+    reply = asyncio.run(main())
+    assert reply.text == "Hello"
+    assert (reply.input_tokens, reply.output_tokens, reply.session_id) == (11, 2, "s-42")
+    assert reply.first_chunk_s is not None
