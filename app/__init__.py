@@ -132,7 +132,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.enable_tracing:
         periodic += [(settings.sweep_interval_s, rt.sweep), (settings.purge_interval_s, rt.purge)]
     if settings.enable_metrics:
-        metrics.seed_static(__version__)
+        metrics.seed_static(__version__, settings.cost_alert_usd_per_day)
         metrics.sample_worker_resources()
         periodic.append((5.0, metrics.sample_worker_resources))
     rt.pipeline = Pipeline(settings, writer, periodic)

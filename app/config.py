@@ -52,6 +52,10 @@ class Settings:
     sweep_interval_s: float = 60.0
     shutdown_grace_s: float = 20.0
     trusted_proxies: int = 0
+    # Budget of the omni-cost-burn alert (USD per day), exported as a gauge so the alert
+    # rules can read it: Grafana does not interpolate the environment in alert queries.
+    # 0: no budget, the alert is off.
+    cost_alert_usd_per_day: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *,
@@ -103,6 +107,8 @@ class Settings:
         for name in ("max_in_flight", "auth_failures_per_minute", "db_pool_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
+        if self.cost_alert_usd_per_day < 0:
+            raise bad("cost_alert_usd_per_day", "must be 0 (no cost alert) or more")
         if self.overload_wait_s < 0:
             raise bad("overload_wait_s", "must be 0 (answer 503 at once) or more")
         for name in ("webhook_rate_per_instance", "webhook_rate_per_address", "trusted_proxies"):

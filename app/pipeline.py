@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import aiohttp
 
@@ -59,6 +60,10 @@ class Message:
     reply_number: str = ""  # sendText `number`: phone digits or a LID JID
     steps: list[dict] = field(default_factory=list)
     current_step: str = "agent_called"
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: Decimal | None = None
+    agent_session_id: str | None = None
 
 
 class Pipeline:
@@ -238,6 +243,11 @@ class Pipeline:
                     metrics.child(metrics.AGENT_FIRST_CHUNK, msg.instance.name).observe(reply.first_chunk_s)
             self.record_step(msg, "agent_called", "success", time.perf_counter() - t0, **extra)
             reply_text = reply.text
+            try:
+                self._record_usage(msg, reply)
+            except Exception as exc:  # telemetry must not fail a message the agent answered
+                log.warning("agent usage not recorded", extra={
+                    "event": "usage_failed", "trace_id": str(msg.trace_id), "error": str(exc)})
 
             msg.current_step = "evolution_send"
             t0 = time.perf_counter()
@@ -259,6 +269,22 @@ class Pipeline:
             log.exception("message processing crashed", extra={
                 "event": "pipeline_crashed", "trace_id": str(msg.trace_id), "instance": msg.instance.name})
             self._interrupt(msg, f"internal error: {type(exc).__name__}", reply_text)
+
+    def _record_usage(self, msg: Message, reply) -> None:
+        # Priced with the instance as loaded for this message: a later price change never
+        # rewrites what a message cost.
+        msg.input_tokens, msg.output_tokens = reply.input_tokens, reply.output_tokens
+        msg.agent_session_id = reply.session_id
+        msg.cost_usd = msg.instance.cost_usd(reply.input_tokens, reply.output_tokens)
+        if not self.metrics_on:
+            return
+        name = msg.instance.name
+        if reply.input_tokens:
+            metrics.child(metrics.AGENT_TOKENS, name, "input").inc(reply.input_tokens)
+        if reply.output_tokens:
+            metrics.child(metrics.AGENT_TOKENS, name, "output").inc(reply.output_tokens)
+        if msg.cost_usd:
+            metrics.child(metrics.AGENT_COST, name).inc(float(msg.cost_usd))
 
     def _upstream_failed(self, msg: Message, upstream: str, step: str, t0: float,
                          exc: UpstreamError, reply_text: str | None = None, **extra) -> None:
@@ -289,7 +315,9 @@ class Pipeline:
                     response_content=reply_text if self.settings.store_message_content else None,
                     steps=msg.steps, failed_step=failed_step, error_message=error,
                     instance_id=msg.instance.id, reply_message_id=reply_id,
-                    sent_at=utcnow() if reply_id else None))
+                    sent_at=utcnow() if reply_id else None,
+                    input_tokens=msg.input_tokens, output_tokens=msg.output_tokens,
+                    cost_usd=msg.cost_usd, agent_session_id=msg.agent_session_id))
             name = msg.instance.name
             if self.metrics_on:
                 metrics.child(metrics.MESSAGES, name, status).inc()

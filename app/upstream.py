@@ -38,6 +38,47 @@ class AgentReply:
 
     text: str
     first_chunk_s: float | None = None
+    # Token usage as the agent reported it; None when it did not say (never guessed as 0).
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    session_id: str | None = None
+
+
+# The names agents use for (input, output) tokens in their `usage` object.
+USAGE_KEYS = (("request_tokens", "response_tokens"), ("prompt_tokens", "completion_tokens"),
+              ("input_tokens", "output_tokens"))
+MAX_SESSION_ID = 256
+
+
+def _token_count(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value != value or not 0 <= value < 2**31 or int(value) != value:
+        return None
+    return int(value)
+
+
+def parse_usage(data: object) -> tuple[int | None, int | None]:
+    """(input, output) tokens from a reply or stream event's `usage`; None where not said.
+
+    A malformed usage is ignored rather than failing the message: it is telemetry.
+    """
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None, None
+    for inp, out in USAGE_KEYS:
+        if inp in usage or out in usage:
+            return _token_count(usage.get(inp)), _token_count(usage.get(out))
+    return None, None
+
+
+def parse_session_id(data: object) -> str | None:
+    """The agent's session id, if it gave a usable one."""
+    value = data.get("session_id") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = str(value)
+    return text[:MAX_SESSION_ID] if text else None
 
 
 def _http_reason(status: int) -> str:
@@ -90,7 +131,9 @@ def _parse_reply(raw: bytes) -> AgentReply:
         raise UpstreamError("bad_response", "agent returned an invalid response (no message)")
     if data.get("success") is False:
         raise UpstreamError("bad_response", "agent reported failure")
-    return AgentReply(text=data["message"])
+    inp, out = parse_usage(data)
+    return AgentReply(text=data["message"], input_tokens=inp, output_tokens=out,
+                      session_id=parse_session_id(data))
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> AgentReply:
@@ -100,6 +143,8 @@ async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> AgentRep
     size = 0
     first: float | None = None
     data: list[bytes] | None = None
+    final_usage: tuple[int | None, int | None] = (None, None)
+    session_id: str | None = None
     while True:
         try:
             raw_line = await resp.content.readline(max_line_length=MAX_REPLY_BYTES)
@@ -110,14 +155,23 @@ async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> AgentRep
                 payload = b"\n".join(data)
                 data = None
                 if payload.strip() == b"[DONE]":
-                    return AgentReply(text="".join(chunks), first_chunk_s=first)
+                    return AgentReply(text="".join(chunks), first_chunk_s=first,
+                                      input_tokens=final_usage[0], output_tokens=final_usage[1],
+                                      session_id=session_id)
                 try:
-                    content = json.loads(payload).get("content", "")
+                    event = json.loads(payload)
+                    content = event.get("content", "")
                 except (ValueError, AttributeError):
                     raise UpstreamError("bad_response", "agent stream sent an invalid chunk") from None
-                if first is None:
-                    first = time.perf_counter() - started
-                chunks.append(str(content))
+                # Some agents send `"usage": null` on every chunk and the figures on the last one.
+                usage = parse_usage(event)
+                if usage != (None, None):
+                    final_usage = usage
+                session_id = parse_session_id(event) or session_id
+                if not ("usage" in event and "content" not in event):  # usage-only: no chunk
+                    if first is None:
+                        first = time.perf_counter() - started
+                    chunks.append(str(content))
             if not raw_line:
                 break
             continue

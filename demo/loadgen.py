@@ -457,7 +457,10 @@ async def ensure_instance(session: aiohttp.ClientSession, args: argparse.Namespa
         raise SetupError(f"GET instance {args.instance!r} answered {status}: {text[:300]}")
     body = {"name": args.instance, "agent_api_url": args.sandbox_url,
             "evolution_url": args.sandbox_url, "agent_api_key": "demo-agent-key",
-            "evolution_api_key": "demo-evolution-key", "agent_timeout_s": 30}
+            "evolution_api_key": "demo-evolution-key", "agent_timeout_s": 30,
+            # Plausible list prices (USD per million tokens) so the demo's cost panels and
+            # the cost-burn alert have figures to show.
+            "input_cost_per_mtok": 3, "output_cost_per_mtok": 15}
     status, text = await _retrying(session, "POST", f"{base}/api/v1/instances", deadline,
                                    headers=headers, json=body)
     if status in (201, 409):  # 409: another process created it first

@@ -11,6 +11,12 @@ alert notifications.  Message text can steer it with directives:
     #garbage           the agent answers 200 with a body that is not JSON
     #hang              the agent never answers; the client has to give up
     #endless           (stream mode) chunks every 100 ms until the client leaves
+    #usage=<form>      how the reply reports its tokens: request (request_tokens /
+                       response_tokens, the default), prompt (prompt_ / completion_tokens),
+                       input (input_ / output_tokens) or none (no usage at all)
+
+Both modes report usage (in stream mode as an event before [DONE]): a deterministic count
+from the message and reply text, so dashboards show tokens and cost in the demo.
 
 ``sendText`` takes ``number`` as digits, ``<digits>@s.whatsapp.net`` or ``<lid>@lid`` and
 answers 201 with the sent message like Evolution (``key.id`` "3EB0" + 16 hex digits).
@@ -79,6 +85,10 @@ _DELAY_RE = re.compile(r"#delay=(\d{1,9})\b")
 _STATUS_RE = re.compile(r"(?<![A-Za-z0-9_])#status=(\d{3})\b")
 _EVO_STATUS_RE = re.compile(r"#evo_status=(\d{3})\b")
 _EVO_FAIL_FIRST_RE = re.compile(r"#evo_fail_first=(\d{1,3})\b")
+_USAGE_RE = re.compile(r"#usage=(request|prompt|input|none)\b")
+USAGE_FORMS = {"request": ("request_tokens", "response_tokens"),
+               "prompt": ("prompt_tokens", "completion_tokens"),
+               "input": ("input_tokens", "output_tokens")}
 _FLAG_RES = {name: re.compile(rf"#{name}\b") for name in ("garbage", "hang", "endless")}
 # What Evolution's sendText accepts as `number`: digits, a phone JID or a LID JID.
 _NUMBER_RE = re.compile(r"(\d{1,32})(@s\.whatsapp\.net|@lid)?")
@@ -246,6 +256,7 @@ class Directives:
     garbage: bool = False
     hang: bool = False
     endless: bool = False
+    usage: str = "request"
 
 
 def _status_code(match: re.Match[str] | None) -> int | None:
@@ -269,6 +280,7 @@ def parse_directives(text: str) -> Directives:
         garbage=bool(_FLAG_RES["garbage"].search(text)),
         hang=bool(_FLAG_RES["hang"].search(text)),
         endless=bool(_FLAG_RES["endless"].search(text)),
+        usage=usage.group(1) if (usage := _USAGE_RE.search(text)) else "request",
     )
 
 
@@ -366,14 +378,25 @@ def _record_call(state: SandboxState, agent: str, body: dict[str, Any],
     })
 
 
-def _reply_payload(message: str, body: dict[str, Any], reply: str) -> dict[str, Any]:
+def usage_of(message: str, reply: str, form: str) -> dict[str, int] | None:
+    """The usage object in the given form (see #usage=), None for `none`."""
+    keys = USAGE_FORMS.get(form)
+    if keys is None:
+        return None
+    return {keys[0]: _tokens(message), keys[1]: _tokens(reply)}
+
+
+def _session_id(body: dict[str, Any]) -> str:
     session = body.get("session_name")
-    return {
-        "message": reply,
-        "session_id": session if isinstance(session, str) and session else str(uuid.uuid4()),
-        "success": True,
-        "usage": {"request_tokens": _tokens(message), "response_tokens": _tokens(reply)},
-    }
+    return session if isinstance(session, str) and session else str(uuid.uuid4())
+
+
+def _reply_payload(message: str, body: dict[str, Any], reply: str, form: str = "request") -> dict[str, Any]:
+    payload: dict[str, Any] = {"message": reply, "session_id": _session_id(body), "success": True}
+    usage = usage_of(message, reply, form)
+    if usage is not None:
+        payload["usage"] = usage
+    return payload
 
 
 def _sse(payload: str) -> bytes:
@@ -390,7 +413,8 @@ async def _start_sse(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_reply(request: web.Request, state: SandboxState, reply: str,
-                        delay_s: float) -> web.StreamResponse:
+                        delay_s: float, usage: dict[str, int] | None = None,
+                        session_id: str | None = None) -> web.StreamResponse:
     await asyncio.sleep(delay_s)
     response = await _start_sse(request)
     try:
@@ -398,6 +422,8 @@ async def _stream_reply(request: web.Request, state: SandboxState, reply: str,
             if index:
                 await asyncio.sleep(STREAM_CHUNK_GAP_S)
             await response.write(_sse(json.dumps({"content": chunk})))
+        if usage is not None:
+            await response.write(_sse(json.dumps({"usage": usage, "session_id": session_id})))
         await response.write(_sse("[DONE]"))
         await response.write_eof()
     except ConnectionError:
@@ -474,9 +500,10 @@ async def handle_agent_run(request: web.Request) -> web.StreamResponse:
         return _status_response(status, {"error": f"sandbox agent answered {status} as asked"})
     reply = f"Echo: {message}"
     if stream:
-        return await _stream_reply(request, state, reply, delay_s)
+        return await _stream_reply(request, state, reply, delay_s,
+                                   usage_of(message, reply, directives.usage), _session_id(body))
     await asyncio.sleep(delay_s)
-    return _status_response(status, _reply_payload(message, body, reply))
+    return _status_response(status, _reply_payload(message, body, reply, directives.usage))
 
 
 # ---------------------------------------------------------------- evolution

@@ -102,8 +102,10 @@ def create_grafana_reader(url: str) -> None:
 def database_url(pg):
     """Superuser URL of a session database with every migration and the reader role."""
     url = pg.create_database()
-    migrate(url)
+    # The role first, as in Docker (postgres/init runs before the migrations): each
+    # migration's grants then apply as they would there.
     create_grafana_reader(url)
+    migrate(url)
     return url
 
 

@@ -8,6 +8,7 @@ import datetime as dt
 import math
 import random
 import uuid
+from decimal import Decimal
 
 import psycopg2
 import psycopg2.extras
@@ -39,16 +40,21 @@ ELEMENTS = f"""
     SELECT instance_name, created_at, x->>'step', (x->>'duration_ms')::numeric
     FROM message_trace, jsonb_array_elements(steps) AS x
     WHERE {FINAL} AND x->>'duration_ms' IS NOT NULL"""
+# The usage sums of the hourly and per-user rollups (sql/010), from message_trace.
+USAGE = """coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0),
+           count(*) FILTER (WHERE input_tokens IS NOT NULL OR output_tokens IS NOT NULL),
+           coalesce(sum(cost_usd), 0), count(cost_usd)"""
+USAGE_COLS = "input_tokens, output_tokens, usage_n, cost_usd, cost_n"
 BUCKET = "floor(ln(1 + greatest(ms, 0)::float8) / ln(1.01))::int"
 
 # (rollup query, the same figures computed from message_trace from scratch)
 CHECKS = {
     "trace_rollup_hour": (
-        """SELECT instance_name, hour, status, messages, duration_n, duration_sum, slow_n
+        f"""SELECT instance_name, hour, status, messages, duration_n, duration_sum, slow_n, {USAGE_COLS}
            FROM trace_rollup_hour WHERE messages <> 0 OR duration_n <> 0""",
         f"""SELECT instance_name, date_trunc('hour', created_at, 'UTC'), status, count(*),
                    count(duration_ms), coalesce(sum(duration_ms), 0),
-                   count(*) FILTER (WHERE duration_ms > 10000)
+                   count(*) FILTER (WHERE duration_ms > 10000), {USAGE}
             FROM message_trace WHERE {FINAL} GROUP BY 1, 2, 3"""),
     "trace_hist_hour": (
         "SELECT instance_name, hour, kind, bucket, n, ms_sum FROM trace_hist_hour WHERE n <> 0",
@@ -63,8 +69,8 @@ CHECKS = {
                   FROM ({ELEMENTS}) e) e
             GROUP BY GROUPING SETS ((instance_name, d, kind, b), (d, kind, b))"""),
     "trace_user_day": (
-        "SELECT instance_name, day, user_id, n FROM trace_user_day WHERE n <> 0",
-        f"""SELECT coalesce(instance_name, '*'), d, user_id, count(*)
+        f"SELECT instance_name, day, user_id, n, {USAGE_COLS} FROM trace_user_day WHERE n <> 0",
+        f"""SELECT coalesce(instance_name, '*'), d, user_id, count(*), {USAGE}
             FROM (SELECT *, date_trunc('day', created_at, 'UTC') AS d FROM message_trace
                   WHERE {FINAL}) m
             GROUP BY GROUPING SETS ((instance_name, d, user_id), (d, user_id))"""),
@@ -183,9 +189,16 @@ def finished(rng: random.Random, trace_id) -> FinishedTrace:
     status = rng.choice(["completed", "completed", "failed", "error"])
     steps = [{"step": s, "status": "success", "duration_ms": rng.choice([0, rng.randint(1, 30), rng.randint(50, 15000)]),
               "timestamp": None} for s in STEPS[:rng.randint(0, 4)]]
+    usage = random.Random(trace_id.int)
+    tokens = (usage.randint(0, 3000), usage.choice([None, usage.randint(0, 900)])) \
+        if usage.random() < 0.7 else (None, None)
+    cost = None if tokens[0] is None or usage.random() < 0.3 else \
+        Decimal(tokens[0]) * Decimal("2.5") / 1_000_000
     return FinishedTrace(trace_id, status, rng.choice([0, 9999, 10000, 10001, rng.randint(1, 30000)]),
                          "ok" if status == "completed" else None, steps,
-                         None if status == "completed" else "agent_called", None)
+                         None if status == "completed" else "agent_called", None,
+                         input_tokens=tokens[0], output_tokens=tokens[1], cost_usd=cost,
+                         agent_session_id="s-1" if tokens[0] is not None else None)
 
 
 def test_writer_batches_stay_exact_on_the_add_only_path(db_url):
@@ -259,7 +272,7 @@ def test_trigger_function_is_compiled_from_the_templates(db_url):
     """sql/007 pastes trace_rollup_statements() into the trigger function: a migration that
     changes the templates must call trace_rollup_compile() again."""
     src = query(db_url, "SELECT prosrc FROM pg_proc WHERE proname = 'trace_rollup_trigger'")[0][0]
-    stmts = query(db_url, """SELECT format(s, $$SELECT 1 AS sign, instance_name, user_id, status, duration_ms, created_at, steps
+    stmts = query(db_url, """SELECT format(s, $$SELECT 1 AS sign, instance_name, user_id, status, duration_ms, created_at, steps, input_tokens, output_tokens, cost_usd
                FROM new_rows WHERE status IN ('completed', 'failed', 'error')$$)
                              FROM unnest(trace_rollup_statements()) AS s""")
     assert len(stmts) == 4
@@ -281,7 +294,7 @@ def test_migration_backfills_existing_rows(pg):
     for p in sorted(Path(__file__).resolve().parents[1].joinpath("sql").glob("00[1-5]_*.sql")):
         shutil.copy(p, pre)
     run_migrate(url, pre)
-    insert_rows(url, dense_rows(200, dt.datetime.now(UTC)))
+    insert_rows(url, dense_rows(200, dt.datetime.now(UTC)), usage=False)
     run_migrate(url)
     assert_rollups_exact(url)
     shutil.rmtree(pre)
@@ -370,6 +383,29 @@ def test_hist_percentiles_match_percentile_cont_on_synthetic_values():
             want = percentile_cont(values, p)
             assert abs(got - want) <= 0.01 * want + 0.01, (p, got, want)
     assert analytics.hist_percentiles([], [0.5]) == [None]
+
+
+def test_usage_totals_stay_exact_through_purges(db_url):
+    """Tokens and cost of what a purge leaves, over the whole store and partial windows,
+    equal the sums over the remaining rows (the purge drops whole hours and days of the
+    rollups and subtracts the rest row by row)."""
+    now = dt.datetime.now(UTC).replace(minute=40)
+    rows = dense_rows(1200, now, seed=17, days=5)
+    insert_rows(db_url, rows)
+    assert sum(r["cost_usd"] is not None for r in rows) > 100
+    for cutoff in (now - dt.timedelta(days=3, minutes=25), now - dt.timedelta(days=1, hours=7, minutes=3)):
+        db = Database(db_url, size=1)
+        assert TraceStore(db).delete_older_than(cutoff, batch=53) > 0
+        db.close()
+        rows = [r for r in rows if r["created_at"] >= cutoff]
+        assert_rollups_exact(db_url)
+        for start, end in ((None, None), (cutoff, None), (cutoff + dt.timedelta(minutes=50), now),
+                           (None, now - dt.timedelta(hours=20, minutes=11))):
+            for instance in (None, "gamma"):
+                got = compute(db_url, start=start, end=end, instance=instance, top=12)
+                want = expected_analytics(rows, start=start, end=end, instance=instance, top=12)
+                check_analytics(got, want)
+                assert got["usage"]["cost_usd"] is not None
 
 
 def test_concurrent_finishes_do_not_deadlock(db_url):

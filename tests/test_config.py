@@ -41,6 +41,12 @@ def test_other_variables_are_ignored():
     assert s.port == 8882
 
 
+def test_cost_alert_budget_is_off_by_default():
+    assert Settings.from_env(env()).cost_alert_usd_per_day == 0
+    assert Settings.from_env(env(cost_alert_usd_per_day="")).cost_alert_usd_per_day == 0
+    assert Settings.from_env(env(cost_alert_usd_per_day="12.5")).cost_alert_usd_per_day == 12.5
+
+
 def test_values_are_read():
     s = Settings.from_env(env(database_url="postgresql://u:p@db:5433/x", host="127.0.0.1", port="9000",
                               workers="3", threads="4", trace_retention_days="7", log_level="debug",
@@ -82,6 +88,7 @@ def test_bad_boolean_names_the_variable(field, raw):
     ("slow_message_seconds", "ten"), ("slow_message_seconds", "0"), ("slow_message_seconds", "-1"),
     ("slow_message_seconds", "nan"), ("slow_message_seconds", "inf"),
     ("database_url", "mysql://x/y"), ("database_url", "localhost:5432"),
+    ("cost_alert_usd_per_day", "ten"), ("cost_alert_usd_per_day", "-1"), ("cost_alert_usd_per_day", "inf"),
 ])
 def test_bad_values_name_the_variable(field, raw):
     with pytest.raises(ConfigError) as exc:

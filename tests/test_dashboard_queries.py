@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timedelta, timezone
 import urllib.parse
 import urllib.request
 
@@ -112,6 +113,8 @@ KEY_PANELS = {
     ("omni-overview.json", "Success rate"),
     ("omni-overview.json", "Per-step latency p95 (the bottleneck)"),
     ("omni-overview.json", "End-to-end latency p50 / p95 / p99"),
+    # The sandbox agent reports usage: tokens flow with the traffic.
+    ("omni-overview.json", "Agent tokens per second by type"),
 }
 
 
@@ -128,3 +131,24 @@ def test_key_panels_return_data(key, traffic, prometheus_url):
         if time.time() > deadline:
             pytest.fail(f"{key[1]}: no data from {[q.expanded() for q in queries]}")
         time.sleep(3)
+
+
+def test_cost_panels_see_priced_traffic(service, sandbox, grafana_reader_url):
+    service.ensure_instance("dash-priced", sandbox.url, input_cost_per_mtok=3, output_cost_per_mtok=15)
+    answers = [service.send("dash-priced", f"what does message {i} cost?", digits=f"5515559000{i:03d}")
+               for i in range(3)]
+    traces = [service.wait_final(a.json()["trace_id"]) for a in answers]
+    want = sum(t["cost_usd"] for t in traces)
+    assert want > 0
+    panels = {q.panel: q for q in SQL_QUERIES if q.source == "omni-traces.json"}
+    # The time range ends a minute ahead: the macros drop sub-second precision.
+    args = {"values": {"instance": "dash-priced"},
+            "time_to": datetime.now(timezone.utc) + timedelta(minutes=1)}
+    with _connect(grafana_reader_url) as conn, conn.cursor() as cur:
+        cur.execute(panels["Agent cost"].expanded(**args))
+        assert float(cur.fetchone()[0]) == pytest.approx(want, rel=1e-9)
+        cur.execute(panels["Most expensive users"].expanded(**args))
+        users = cur.fetchall()
+        assert len(users) == 3 and users[0][4] >= users[-1][4]
+        cur.execute(panels["Agent tokens"].expanded(**args))
+        assert cur.fetchone() == (sum(t["input_tokens"] for t in traces), sum(t["output_tokens"] for t in traces))

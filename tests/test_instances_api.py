@@ -112,7 +112,27 @@ def test_defaults(api):
     assert body["enabled"] is True
     for key in ("agent_api_key", "evolution_api_key", "webhook_secret"):
         assert not body[key]
+    assert body["input_cost_per_mtok"] is None and body["output_cost_per_mtok"] is None
     assert api("GET", "/api/v1/instances/plain").get_json() == body
+
+
+def test_prices_are_created_patched_shown_and_unset(api):
+    r = api("POST", "/api/v1/instances", full_body("priced", input_cost_per_mtok=3,
+                                                   output_cost_per_mtok=15.5))
+    assert r.status_code == 201, r.get_json()
+    assert (r.get_json()["input_cost_per_mtok"], r.get_json()["output_cost_per_mtok"]) == (3, 15.5)
+    r = api("PATCH", "/api/v1/instances/priced", {"input_cost_per_mtok": 0.15})
+    assert r.status_code == 200 and r.get_json()["input_cost_per_mtok"] == 0.15
+    assert r.get_json()["output_cost_per_mtok"] == 15.5
+    shown = api("GET", "/api/v1/instances/priced").get_json()
+    assert (shown["input_cost_per_mtok"], shown["output_cost_per_mtok"]) == (0.15, 15.5)
+    listed = {i["name"]: i for i in api("GET", "/api/v1/instances").get_json()}
+    assert listed["priced"]["input_cost_per_mtok"] == 0.15
+    r = api("PATCH", "/api/v1/instances/priced", {"input_cost_per_mtok": None, "output_cost_per_mtok": 0})
+    assert (r.get_json()["input_cost_per_mtok"], r.get_json()["output_cost_per_mtok"]) == (None, 0)
+    for bad in (-0.01, "3", True, 1e7, [1]):
+        r = api("PATCH", "/api/v1/instances/priced", {"output_cost_per_mtok": bad})
+        assert r.status_code == 400 and r.get_json()["detail"]["field"] == "output_cost_per_mtok", bad
 
 
 def test_duplicate_is_409(api):
@@ -148,6 +168,8 @@ BASE = {"name": "ok-name", "agent_api_url": "http://agent.example", "evolution_u
     ("enabled", {**BASE, "enabled": 1}),
     ("agent_name", {**BASE, "agent_name": "a/b"}),
     ("webhook_secret", {**BASE, "webhook_secret": "short"}),
+    ("input_cost_per_mtok", {**BASE, "input_cost_per_mtok": -1}),
+    ("output_cost_per_mtok", {**BASE, "output_cost_per_mtok": "0.5"}),
     ("bogus", {**BASE, "bogus": 1}),
     ("id", {**BASE, "id": 5}),
     ("body", [BASE]),

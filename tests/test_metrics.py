@@ -42,6 +42,7 @@ def test_known_series_start_at_zero(make_service):
     for upstream in ("agent", "evolution", "database", "loki"):
         assert ("omni_upstream_errors_total", frozenset({("upstream", upstream), ("reason", "connection" if upstream != "database" else "unavailable")})) in samples
     assert samples[("omni_log_records_dropped_total", frozenset())] == 0
+    assert samples[("omni_cost_budget_usd_per_day", frozenset())] == 0   # no cost alert
     assert metric(samples, "omni_webhook_rejected_total", reason="unknown_instance") == 0
     assert metric(samples, "omni_auth_failures_total", reason="wrong_key") == 0
     # An instance's series appear at 0 as soon as it is used once.
@@ -50,6 +51,10 @@ def test_known_series_start_at_zero(make_service):
     samples = parse_metrics(svc.metrics_text())
     assert ("omni_messages_total", frozenset({("instance", "fresh"), ("status", "failed")})) in samples
     assert metric(samples, "omni_messages_total", instance="fresh", status="failed") == 0
+    # No prices on the instance: its cost series exists and stays 0 while tokens count.
+    assert ("omni_agent_cost_usd_total", frozenset({("instance", "fresh")})) in samples
+    assert metric(samples, "omni_agent_cost_usd_total", instance="fresh") == 0
+    assert metric(samples, "omni_agent_tokens_total", instance="fresh", type="input") > 0
 
 
 def test_labels_have_no_high_cardinality_values(service, traffic):

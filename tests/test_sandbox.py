@@ -208,13 +208,33 @@ def test_streaming_sse_format(sandbox_url):
     events = raw.split("\n\n")[:-1]
     assert events[-1] == "data: [DONE]"
     chunks = []
-    for event in events[:-1]:
+    for event in events[:-2]:
         assert re.fullmatch(r"data: \{.*\}", event)
         payload = json.loads(event[len("data: "):])
         assert list(payload) == ["content"]
         chunks.append(payload["content"])
     assert 3 <= len(chunks) <= 5
     assert "".join(chunks) == f"Echo: {text}"
+    # The usage event comes last, before [DONE], counted from the text.
+    usage = json.loads(events[-2][len("data: "):])
+    assert usage == {"usage": {"request_tokens": len(text) // 4, "response_tokens": len(f"Echo: {text}") // 4},
+                     "session_id": "demo_5511999990000"}
+
+
+@pytest.mark.parametrize("form,keys", [
+    ("request", ("request_tokens", "response_tokens")), ("prompt", ("prompt_tokens", "completion_tokens")),
+    ("input", ("input_tokens", "output_tokens")), ("none", None)])
+def test_usage_directive_picks_the_form(sandbox_url, form, keys):
+    text = f"count me #usage={form}"
+    body = agent_run(sandbox_url, text, timeout=5).json()
+    events = agent_run(sandbox_url, text, sse=True, timeout=5).content.decode().split("\n\n")[:-1]
+    streamed = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    if keys is None:
+        assert "usage" not in body and not any("usage" in e for e in streamed)
+        return
+    want = {keys[0]: len(text) // 4, keys[1]: len(f"Echo: {text}") // 4}
+    assert body["usage"] == want
+    assert streamed[-1]["usage"] == want
 
 
 def test_calls_counts(sandbox_url):

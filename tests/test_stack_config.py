@@ -308,11 +308,15 @@ def _alert(uid: str, rules: dict, eval_time: str, firing: bool) -> dict:
 
 
 def _alert_test_cases(rules: dict) -> list[dict]:
-    slow, fail, down, auth = ("omni-slow-messages", "omni-high-failure-rate", "omni-service-down",
-                              "omni-auth-failures-burst")
+    slow, fail, down, auth, cost = ("omni-slow-messages", "omni-high-failure-rate", "omni-service-down",
+                                    "omni-auth-failures-burst", "omni-cost-burn")
     count = 'omni_message_duration_seconds_count{instance="bot",status="completed"}'
     b10 = 'omni_message_duration_seconds_bucket{instance="bot",status="completed",le="%s"}'
     msgs = 'omni_messages_total{instance="bot",status="%s"}'
+    spent = 'omni_agent_cost_usd_total{instance="bot"}'
+    budget = 'omni_cost_budget_usd_per_day{job="omni",instance="omni:8882"}'
+    # 0.05 USD every 15 s: 12 USD an hour, 288 USD a day at that pace.
+    burn = {"series": spent, "values": "0+0.05x400"}
     return [
         {"name": "one message of 10.5 s fires the slow-message alert", "interval": "15s",
          "input_series": [{"series": count, "values": "0x10 1x30"}, {"series": b10 % "10", "values": "0x40"},
@@ -353,13 +357,28 @@ def _alert_test_cases(rules: dict) -> list[dict]:
         {"name": "19 failed authentications in 5 minutes do not fire", "interval": "15s",
          "input_series": [{"series": 'omni_auth_failures_total{reason="wrong_key"}', "values": "0+0.95x40"}],
          "alert_rule_test": [_alert(auth, rules, "10m", False)]},
+        {"name": "cost projected to 288 USD a day against a 250 USD budget fires", "interval": "15s",
+         "input_series": [burn, {"series": budget, "values": "250x400"}],
+         "alert_rule_test": [_alert(cost, rules, "20m", False), _alert(cost, rules, "70m", True)]},
+        {"name": "the same cost against a 300 USD budget does not fire", "interval": "15s",
+         "input_series": [burn, {"series": budget, "values": "300x400"}],
+         "alert_rule_test": [_alert(cost, rules, "70m", False)]},
+        {"name": "budget 0 (unset) turns the cost alert off", "interval": "15s",
+         "input_series": [burn, {"series": budget, "values": "0x400"}],
+         "alert_rule_test": [_alert(cost, rules, "70m", False)]},
+        {"name": "no budget series (older service) does not fire", "interval": "15s",
+         "input_series": [burn],
+         "alert_rule_test": [_alert(cost, rules, "70m", False)]},
+        {"name": "a burst stopped an hour ago no longer fires", "interval": "15s",
+         "input_series": [{"series": spent, "values": "0+0.05x240 12x400"}, {"series": budget, "values": "250x700"}],
+         "alert_rule_test": [_alert(cost, rules, "70m", True), _alert(cost, rules, "150m", False)]},
     ]
 
 
 def test_grafana_alert_rules_with_promtool(tmp_path):
     rules = {rule["uid"]: grafana_rule_as_prometheus(rule) for _, rule in gq.alert_rules()}
     assert {"omni-slow-messages", "omni-high-failure-rate", "omni-service-down",
-            "omni-auth-failures-burst"} <= set(rules)
+            "omni-auth-failures-burst", "omni-cost-burn"} <= set(rules)
     rule_file = tmp_path / "grafana-alerts.rules.yml"
     rule_file.write_text(yaml.safe_dump({"groups": [{"name": "grafana-alerts", "interval": "15s",
                                                      "rules": list(rules.values())}]}))

@@ -10,6 +10,7 @@ import random
 import re
 import uuid
 from collections import Counter
+from decimal import Decimal
 from urllib.parse import parse_qsl, urlparse
 
 import psycopg2
@@ -26,7 +27,8 @@ USERS = [f"whatsapp:+55155500000{i:02d}" for i in range(12)]
 TRACE_KEYS = {"trace_id", "instance_id", "instance_name", "user_id", "message_content",
               "response_content", "status", "duration_ms", "created_at", "updated_at",
               "failed_step", "error_message", "steps", "message_type", "remote_jid",
-              "platform_timestamp", "reply_message_id", "delivered_at", "read_at"}
+              "platform_timestamp", "reply_message_id", "delivered_at", "read_at",
+              "input_tokens", "output_tokens", "cost_usd", "agent_session_id"}
 Z_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 
 psycopg2.extras.register_uuid()
@@ -82,7 +84,7 @@ def make_row(rng: random.Random, created_at: dt.datetime, *, status: str | None 
             entry["error"] = error_message
         steps.append(entry)
         t = t + dt.timedelta(milliseconds=durations[i] or 0)
-    return {
+    return with_usage({
         "trace_id": uuid.UUID(int=rng.getrandbits(128), version=4),
         "instance_id": INSTANCES[instance], "instance_name": instance,
         "message_id": "MSG" + uuid.UUID(int=rng.getrandbits(128)).hex[:20].upper(),
@@ -91,7 +93,31 @@ def make_row(rng: random.Random, created_at: dt.datetime, *, status: str | None 
         "status": status, "duration_ms": duration_ms, "created_at": created_at,
         "updated_at": created_at + dt.timedelta(milliseconds=duration_ms or 0),
         "steps": steps, "failed_step": failed_step, "error_message": error_message,
-    }
+    })
+
+
+PRICES = [(Decimal("3"), Decimal("15")), (Decimal("0.15"), Decimal("0.6")), (Decimal("0.1"), None)]
+
+
+def with_usage(row: dict) -> dict:
+    """The agent's usage and cost on a row whose agent answered, as the pipeline stores them.
+
+    From its own generator seeded by the trace id, so the rows' other values (and the tests
+    written around them) stay what they were.
+    """
+    rng = random.Random(row["trace_id"].int)
+    row.update(input_tokens=None, output_tokens=None, cost_usd=None, agent_session_id=None)
+    if row["status"] == "processing" or row["failed_step"] not in (None, "evolution_send"):
+        return row
+    if rng.random() < 0.8:
+        row["input_tokens"] = rng.choice([0, rng.randint(1, 4000)])
+        row["output_tokens"] = rng.randint(0, 3000)
+        row["agent_session_id"] = f"sess-{rng.randint(1, 50)}"
+        price_in, price_out = rng.choice(PRICES + [(None, None)])
+        if price_in is not None and (price_out is not None or not row["output_tokens"]):
+            row["cost_usd"] = (row["input_tokens"] * price_in
+                               + row["output_tokens"] * (price_out or 0)) / 1_000_000
+    return row
 
 
 def seed_rows(n: int = 300, seed: int = 7, now: dt.datetime | None = None) -> list[dict]:
@@ -118,8 +144,28 @@ def seed_rows(n: int = 300, seed: int = 7, now: dt.datetime | None = None) -> li
     return rows
 
 
-def insert_rows(url: str, rows: list[dict]) -> None:
-    """Insert straight into message_trace with psycopg2."""
+def insert_rows(url: str, rows: list[dict], *, usage: bool = True) -> None:
+    """Insert straight into message_trace with psycopg2 (without usage: a schema before sql/010)."""
+    if not usage:
+        return insert_rows_without_usage(url, rows)
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id, user_id,
+                   message_content, response_content, status, duration_ms, created_at, updated_at,
+                   steps, failed_step, error_message, input_tokens, output_tokens, cost_usd,
+                   agent_session_id) VALUES %s""",
+            [(r["trace_id"], r["instance_id"], r["instance_name"], r["message_id"], r["user_id"],
+              r["message_content"], r["response_content"], r["status"], r["duration_ms"],
+              r["created_at"], r["updated_at"], psycopg2.extras.Json(r["steps"]), r["failed_step"],
+              r["error_message"], r.get("input_tokens"), r.get("output_tokens"), r.get("cost_usd"),
+              r.get("agent_session_id")) for r in rows])
+    conn.close()
+
+
+def insert_rows_without_usage(url: str, rows: list[dict]) -> None:
+    """The rows' columns that every schema has; their usage is left unknown."""
     conn = psycopg2.connect(url)
     with conn, conn.cursor() as cur:
         psycopg2.extras.execute_values(
@@ -199,6 +245,15 @@ def trunc(ts: dt.datetime, interval: str) -> dt.datetime:
     return day.replace(day=1)
 
 
+def expected_usage(rows) -> dict:
+    """Tokens and cost summed in Python; None where no row knew them."""
+    used = [r for r in rows if r.get("input_tokens") is not None or r.get("output_tokens") is not None]
+    costs = [r["cost_usd"] for r in rows if r.get("cost_usd") is not None]
+    return {"input_tokens": sum(r["input_tokens"] or 0 for r in used) if used else None,
+            "output_tokens": sum(r["output_tokens"] or 0 for r in used) if used else None,
+            "cost_usd": sum(costs, Decimal(0)) if costs else None}
+
+
 def expected_analytics(rows, *, start=None, end=None, instance=None, interval="day", top=10,
                        slow_ms=10000):
     sel = [r for r in rows
@@ -223,17 +278,21 @@ def expected_analytics(rows, *, start=None, end=None, instance=None, interval="d
         mine_fin = [r["duration_ms"] for r in mine if r["status"] != "processing"]
         by_inst.append({"instance_name": name, "total": len(mine),
                         "success_rate": rate(sum(r["status"] == "completed" for r in mine), len(mine_fin)),
-                        "avg_duration_ms": sum(mine_fin) / len(mine_fin) if mine_fin else None})
+                        "avg_duration_ms": sum(mine_fin) / len(mine_fin) if mine_fin else None,
+                        **expected_usage(mine)})
     out["by_instance"] = sorted(by_inst, key=lambda d: (-d["total"], d["instance_name"]))
     buckets: dict = {}
     for r in sel:
-        b = buckets.setdefault(trunc(r["created_at"], interval), {"total": 0, "failed": 0})
+        b = buckets.setdefault(trunc(r["created_at"], interval), {"total": 0, "failed": 0, "rows": []})
         b["total"] += 1
         b["failed"] += r["status"] in ("failed", "error")
-    out["volume"] = [{"bucket": k, **v} for k, v in sorted(buckets.items())]
+        b["rows"].append(r)
+    out["volume"] = [{"bucket": k, "total": v["total"], "failed": v["failed"],
+                      "cost_usd": expected_usage(v["rows"])["cost_usd"]} for k, v in sorted(buckets.items())]
     users = Counter(r["user_id"] for r in sel)
-    out["top_users"] = [{"user_id": u, "total": n}
+    out["top_users"] = [{"user_id": u, "total": n, **expected_usage([r for r in sel if r["user_id"] == u])}
                         for u, n in sorted(users.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+    out["usage"] = expected_usage(sel)
     hours = Counter(r["created_at"].astimezone(UTC).hour for r in sel)
     out["peak_hours"] = [{"hour": h, "total": n}
                          for h, n in sorted(hours.items(), key=lambda kv: (-kv[1], kv[0]))]
@@ -258,6 +317,16 @@ def assert_close(got, want, tol, what):
         assert got is not None and abs(got - want) <= tol, f"{what}: {got!r} != {want!r}"
 
 
+def check_usage(got: dict, want: dict, what: str) -> None:
+    """Token sums exactly; cost to the 8 decimals the API shows."""
+    assert (got["input_tokens"], got["output_tokens"]) == (want["input_tokens"], want["output_tokens"]), \
+        (what, got, want)
+    if want["cost_usd"] is None:
+        assert got["cost_usd"] is None, (what, got)
+    else:
+        assert got["cost_usd"] == round(float(want["cost_usd"]), 8), (what, got, want)
+
+
 def check_analytics(body: dict, want: dict) -> None:
     for key in ("total", "completed", "failed", "error", "slow_messages"):
         assert body[key] == want[key], (key, body[key], want[key])
@@ -267,17 +336,27 @@ def check_analytics(body: dict, want: dict) -> None:
     assert [d["instance_name"] for d in body["by_instance"]] == \
         [d["instance_name"] for d in want["by_instance"]]
     for got, exp in zip(body["by_instance"], want["by_instance"]):
-        assert set(got) == {"instance_name", "total", "success_rate", "avg_duration_ms"}
+        assert set(got) == {"instance_name", "total", "success_rate", "avg_duration_ms",
+                            "input_tokens", "output_tokens", "cost_usd"}
         assert got["total"] == exp["total"], got
+        check_usage(got, exp, got["instance_name"])
         assert_close(got["success_rate"], exp["success_rate"], 0.006, f"{got['instance_name']} rate")
         assert_close(got["avg_duration_ms"], exp["avg_duration_ms"], 0.006, f"{got['instance_name']} avg")
     assert len(body["volume"]) == len(want["volume"])
     for got, exp in zip(body["volume"], want["volume"]):
-        assert set(got) == {"bucket", "total", "failed"}
+        assert set(got) == {"bucket", "total", "failed", "cost_usd"}
         assert got["bucket"].endswith("Z"), got
         assert dt.datetime.fromisoformat(got["bucket"]) == exp["bucket"], (got, exp)
         assert (got["total"], got["failed"]) == (exp["total"], exp["failed"]), (got, exp)
-    assert body["top_users"] == want["top_users"]
+        check_usage({"input_tokens": None, "output_tokens": None, **got},
+                    {**exp, "input_tokens": None, "output_tokens": None}, got["bucket"])
+    assert [(u["user_id"], u["total"]) for u in body["top_users"]] == \
+        [(u["user_id"], u["total"]) for u in want["top_users"]]
+    for got, exp in zip(body["top_users"], want["top_users"]):
+        assert set(got) == {"user_id", "total", "input_tokens", "output_tokens", "cost_usd"}
+        check_usage(got, exp, got["user_id"])
+    assert set(body["usage"]) == {"input_tokens", "output_tokens", "cost_usd"}
+    check_usage(body["usage"], want["usage"], "usage")
     assert body["peak_hours"] == want["peak_hours"]
     assert [s["step"] for s in body["steps"]] == [s["step"] for s in want["steps"]]
     for got, exp in zip(body["steps"], want["steps"]):

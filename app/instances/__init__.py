@@ -5,6 +5,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlparse
 
@@ -14,7 +15,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SECRET_FIELDS = ("agent_api_key", "evolution_api_key", "webhook_secret")
 COLUMNS = """id, name, agent_api_url, agent_api_key, agent_name, agent_timeout_s, agent_stream,
-    evolution_url, evolution_api_key, evolution_instance, webhook_secret, enabled, created_at, updated_at"""
+    evolution_url, evolution_api_key, evolution_instance, webhook_secret, enabled, created_at, updated_at,
+    input_cost_per_mtok, output_cost_per_mtok"""
 # Seconds a worker trusts its cached copy; other workers see a PATCH within this time.
 CACHE_TTL = 5.0
 
@@ -47,6 +49,26 @@ class Instance:
     evolution_instance: str
     webhook_secret: str | None
     enabled: bool
+    input_cost_per_mtok: float | None = None
+    output_cost_per_mtok: float | None = None
+
+    def cost_usd(self, input_tokens: int | None, output_tokens: int | None) -> Decimal | None:
+        """What the tokens cost at this instance's prices; None when usage or a needed price is unknown."""
+        if input_tokens is None and output_tokens is None:
+            return None
+        if self.input_cost_per_mtok is None and self.output_cost_per_mtok is None:
+            return None
+        total = Decimal(0)
+        for tokens, price in ((input_tokens, self.input_cost_per_mtok),
+                              (output_tokens, self.output_cost_per_mtok)):
+            if not tokens:
+                continue
+            if price is None:
+                return None  # tokens of a type without a price: a partial sum would mislead
+            # repr() is the shortest exact spelling of the float the user typed (0.15, not
+            # 0.1499999...), so the stored cost is the decimal product the user expects.
+            total += tokens * Decimal(repr(price))
+        return total / 1_000_000
 
 
 def _url(field: str, value: Any) -> str:
@@ -101,7 +123,20 @@ def _timeout(value: Any) -> float:
     return float(value)
 
 
+def _price(field: str):
+    def check(value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e6:
+            raise InvalidInstance(field, f"{field} must be a number of USD per million tokens "
+                                         "in [0, 1000000] or null")
+        return float(value)
+    return check
+
+
 _VALIDATORS["agent_name"] = _agent_name
+_VALIDATORS["input_cost_per_mtok"] = _price("input_cost_per_mtok")
+_VALIDATORS["output_cost_per_mtok"] = _price("output_cost_per_mtok")
 _VALIDATORS["agent_timeout_s"] = _timeout
 REQUIRED = ("name", "agent_api_url", "evolution_url")
 
@@ -210,7 +245,8 @@ class InstanceRepo:
             agent_timeout_s=float(row["agent_timeout_s"]), agent_stream=row["agent_stream"],
             evolution_url=row["evolution_url"], evolution_api_key=row["evolution_api_key"],
             evolution_instance=row["evolution_instance"] or row["name"],
-            webhook_secret=row["webhook_secret"], enabled=row["enabled"])
+            webhook_secret=row["webhook_secret"], enabled=row["enabled"],
+            input_cost_per_mtok=row["input_cost_per_mtok"], output_cost_per_mtok=row["output_cost_per_mtok"])
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()

@@ -69,6 +69,11 @@ STEP_DURATION = Histogram("omni_message_step_duration_seconds",
 AGENT_FIRST_CHUNK = Histogram("omni_agent_first_chunk_seconds",
                               "Time from the agent call to its first streamed chunk.",
                               ["instance"], buckets=STEP_BUCKETS)
+AGENT_TOKENS = Counter("omni_agent_tokens_total", "Tokens the agent reported using, by type.",
+                       ["instance", "type"])
+AGENT_COST = Counter("omni_agent_cost_usd_total",
+                     "Cost of the agent's tokens in USD, at the instance's prices.", ["instance"])
+TOKEN_TYPES = ("input", "output")
 HTTP_DURATION = Histogram("omni_http_request_duration_seconds",
                           "HTTP requests served, by route template.",
                           ["method", "route", "status"], buckets=HTTP_BUCKETS)
@@ -98,6 +103,9 @@ WORKER_CONNECTIONS = Gauge("omni_worker_open_connections",
                            "Open sockets of a worker (clients, database, upstreams, Loki).",
                            multiprocess_mode="liveall")
 WORKER_THREADS = Gauge("omni_worker_threads", "Threads of a worker.", multiprocess_mode="liveall")
+COST_BUDGET = Gauge("omni_cost_budget_usd_per_day",
+                    "Daily agent cost budget of the omni-cost-burn alert (0: no alert).",
+                    multiprocess_mode="max")
 BUILD_INFO = Gauge("omni_build_info", "Version of the running service.", ["version"],
                    multiprocess_mode="max")
 
@@ -110,9 +118,10 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def seed_static(version: str) -> None:
+def seed_static(version: str, cost_budget_usd_per_day: float = 0.0) -> None:
     """Create the series whose labels are known in advance, at 0 (SPEC 5)."""
     BUILD_INFO.labels(version=version).set(1)
+    COST_BUDGET.set(cost_budget_usd_per_day)
     for upstream, reasons in UPSTREAM_REASONS.items():
         for reason in reasons:
             UPSTREAM_ERRORS.labels(upstream=upstream, reason=reason)
@@ -159,6 +168,9 @@ def seed_instance(instance: str) -> None:
         WEBHOOK_LAG.labels(instance=instance)
         for status in RECEIPT_STATUSES:
             REPLY_RECEIPT.labels(instance=instance, status=status)
+        for kind in TOKEN_TYPES:
+            AGENT_TOKENS.labels(instance=instance, type=kind)
+        AGENT_COST.labels(instance=instance)
         _seeded.add(instance)
 
 

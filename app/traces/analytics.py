@@ -12,8 +12,9 @@ Where the figures come from (sql/006_analytics_rollup.sql):
   both ends, read from message_trace itself, as are rows still `processing` (few, found
   through the partial index message_trace_processing). Without dates: the rollups plus the
   processing rows.
-* Counts, success rates, averages, volume, peak hours, by_instance, top users, slow messages
-  and the steps' averages and shares are therefore exact. A slow threshold other than the
+* Counts, success rates, averages, volume, peak hours, by_instance, top users, slow messages,
+  the agent's tokens and cost (summed in the hourly and per-user rollups too) and the steps'
+  averages and shares are therefore exact. A slow threshold other than the
   10 s kept in the rollups is counted from message_trace.
 * Percentiles (p50/p95/p99 of the message duration and each step's p95) are exact
   (percentile_cont over the rows) when the period holds at most EXACT_PERCENTILE_MAX finished
@@ -48,6 +49,29 @@ _FINAL = "status IN ('completed', 'failed', 'error')"
 
 def _num(value) -> float | None:
     return None if value is None else round(float(value), 2)
+
+
+def _tokens(total, n) -> int | None:
+    # None when no message of the set reported usage: unknown, not zero.
+    return int(total) if n else None
+
+
+def _cost(total, n) -> float | None:
+    return round(float(total), 8) if n else None
+
+
+def _usage(d: dict) -> dict:
+    return {"input_tokens": _tokens(d["it"], d["un"]), "output_tokens": _tokens(d["ot"], d["un"]),
+            "cost_usd": _cost(d["cu"], d["cn"])}
+
+
+_USAGE_SUMS = ("it", "ot", "un", "cu", "cn")
+# The usage sums of a group of message_trace rows, in the rollups' column order.
+_RAW_USAGE = """coalesce(sum(input_tokens), 0) AS input_tokens,
+                   coalesce(sum(output_tokens), 0) AS output_tokens,
+                   count(*) FILTER (WHERE input_tokens IS NOT NULL OR output_tokens IS NOT NULL) AS usage_n,
+                   coalesce(sum(cost_usd), 0) AS cost_usd, count(cost_usd) AS cost_n"""
+_ROLLUP_USAGE = "input_tokens, output_tokens, usage_n, cost_usd, cost_n"
 
 
 def _rate(part: int, total: int) -> float:
@@ -187,7 +211,8 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
         raw_counts = (f"({q.ranges(raw_h)} OR (status = 'processing' AND "
                       f"{q.ranges([(hours[0], hours[1], False)])}))")
         rollup_counts = f"""
-            SELECT hour, instance_name, status, messages, duration_n, duration_sum, {slow_col} AS slow_n
+            SELECT hour, instance_name, status, messages, duration_n, duration_sum, {slow_col} AS slow_n,
+                   {_ROLLUP_USAGE}
             FROM trace_rollup_hour
             WHERE {inst} AND {q.ranges([(hours[0], hours[1], False)], 'hour')}
             UNION ALL"""
@@ -196,19 +221,23 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
             SELECT date_trunc('hour', created_at, 'UTC') AS hour, instance_name, status,
                    count(*) AS messages, count(duration_ms) AS duration_n,
                    coalesce(sum(duration_ms), 0) AS duration_sum,
-                   count(*) FILTER (WHERE duration_ms > %(slow_ms)s) AS slow_n
+                   count(*) FILTER (WHERE duration_ms > %(slow_ms)s) AS slow_n,
+                   {_RAW_USAGE}
             FROM message_trace WHERE {inst} AND {raw_counts}
             GROUP BY 1, 2, 3)
         SELECT 'i' AS part, instance_name, status, NULL::timestamptz AS bucket, NULL::int AS hod,
-               sum(messages) AS m, sum(duration_n) AS dn, sum(duration_sum) AS ds, sum(slow_n) AS sn
+               sum(messages) AS m, sum(duration_n) AS dn, sum(duration_sum) AS ds, sum(slow_n) AS sn,
+               sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(usage_n) AS un,
+               sum(cost_usd) AS cu, sum(cost_n) AS cn
         FROM facts GROUP BY instance_name, status
         UNION ALL
         SELECT 'v', NULL, NULL, date_trunc(%(interval)s, hour, 'UTC'), NULL, sum(messages),
-               sum(messages) FILTER (WHERE status IN ('failed', 'error')), NULL, NULL
+               sum(messages) FILTER (WHERE status IN ('failed', 'error')), NULL, NULL,
+               NULL, NULL, NULL, sum(cost_usd), sum(cost_n)
         FROM facts GROUP BY 4
         UNION ALL
         SELECT 'p', NULL, NULL, NULL, extract(hour FROM hour AT TIME ZONE 'UTC')::int,
-               sum(messages), NULL, NULL, NULL
+               sum(messages), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
         FROM facts GROUP BY 5"""
 
     # --- histograms (message and step durations): day + hour rollups + raw edges ----------
@@ -240,14 +269,16 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
     user_parts = []
     raw_user_cond = q.ranges(raw_users)
     if days is not None:
-        user_parts.append(f"""SELECT user_id, n FROM trace_user_day
+        user_parts.append(f"""SELECT user_id, n, {_ROLLUP_USAGE} FROM trace_user_day
             WHERE instance_name = %(ikey)s AND {q.ranges([(days[0], days[1], False)], 'day')}""")
         raw_user_cond = (f"({raw_user_cond} OR (status = 'processing' AND "
                          f"{q.ranges([(days[0], days[1], False)])}))")
-    user_parts.append(f"""SELECT user_id, count(*) AS n FROM message_trace
+    user_parts.append(f"""SELECT user_id, count(*) AS n, {_RAW_USAGE} FROM message_trace
         WHERE {inst} AND {raw_user_cond} GROUP BY user_id""")
     users_sql = f"""
-        SELECT user_id, sum(n) AS total FROM ({" UNION ALL ".join(user_parts)}) u
+        SELECT user_id, sum(n) AS total, sum(input_tokens) AS it, sum(output_tokens) AS ot,
+               sum(usage_n) AS un, sum(cost_usd) AS cu, sum(cost_n) AS cn
+        FROM ({" UNION ALL ".join(user_parts)}) u
         GROUP BY user_id HAVING sum(n) > 0 ORDER BY total DESC, user_id LIMIT %(top)s"""
 
     whole = q.ranges([(start, end, True)])
@@ -278,7 +309,7 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
             slow_messages = cur.fetchone()["n"]
         per_inst: dict[str, dict] = {}
         totals = {"completed": 0, "failed": 0, "error": 0, "processing": 0, "total": 0,
-                  "dn": 0, "ds": 0, "sn": 0}
+                  "dn": 0, "ds": 0, "sn": 0, **dict.fromkeys(_USAGE_SUMS, 0)}
         volume, peak = [], []
         for r in facts:
             if r["part"] == "v":
@@ -289,9 +320,13 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
                     peak.append(r)
             else:
                 st, m = r["status"], int(r["m"])
-                d = per_inst.setdefault(r["instance_name"], {"total": 0, "completed": 0,
-                                                             "finished": 0, "dn": 0, "ds": 0})
+                d = per_inst.setdefault(r["instance_name"], {
+                    "total": 0, "completed": 0, "finished": 0, "dn": 0, "ds": 0,
+                    **dict.fromkeys(_USAGE_SUMS, 0)})
                 d["total"] += m
+                for key in _USAGE_SUMS:
+                    d[key] += r[key] or 0
+                    totals[key] += r[key] or 0
                 totals["total"] += m
                 totals[st] = totals.get(st, 0) + m
                 totals["sn"] += int(r["sn"] or 0)
@@ -344,12 +379,16 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
         "slow_messages": totals["sn"] if slow_messages is None else slow_messages,
         "by_instance": [{"instance_name": name, "total": d["total"],
                          "success_rate": _rate(d["completed"], d["finished"]),
-                         "avg_duration_ms": _num(d["ds"] / d["dn"]) if d["dn"] else None}
+                         "avg_duration_ms": _num(d["ds"] / d["dn"]) if d["dn"] else None,
+                         **_usage(d)}
                         for name, d in by_instance],
-        "volume": [{"bucket": _iso(r["bucket"]), "total": int(r["m"]), "failed": int(r["dn"] or 0)}
+        "volume": [{"bucket": _iso(r["bucket"]), "total": int(r["m"]), "failed": int(r["dn"] or 0),
+                    "cost_usd": _cost(r["cu"], r["cn"])}
                    for r in sorted(volume, key=lambda r: r["bucket"])],
-        "top_users": [{"user_id": r["user_id"], "total": int(r["total"])} for r in top_users],
+        "top_users": [{"user_id": r["user_id"], "total": int(r["total"]), **_usage(r)}
+                      for r in top_users],
         "peak_hours": [{"hour": r["hod"], "total": int(r["m"])}
                        for r in sorted(peak, key=lambda r: (-int(r["m"]), r["hod"]))],
         "steps": steps,
+        "usage": _usage(totals),
     }

@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from app.db import Database, execute_values
@@ -16,7 +17,8 @@ PURGE_LOCK_WAIT_MS = 600_000
 
 TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_content, response_content,
     status, duration_ms, created_at, updated_at, steps, failed_step, error_message,
-    message_type, remote_jid, platform_timestamp, reply_message_id, rc.delivered_at, rc.read_at"""
+    message_type, remote_jid, platform_timestamp, reply_message_id, rc.delivered_at, rc.read_at,
+    input_tokens, output_tokens, cost_usd::float8 AS cost_usd, agent_session_id"""
 # Receipts live in message_reply (sql/009); one primary-key probe per trace shown.
 TRACE_FROM = """message_trace LEFT JOIN LATERAL (
         SELECT r.delivered_at, r.read_at FROM message_reply r
@@ -29,7 +31,9 @@ TRACE_FROM = """message_trace LEFT JOIN LATERAL (
 # bench/), and a short statement for PostgreSQL to parse whatever the batch size.
 _FINISH_SQL = """UPDATE message_trace t SET status = v.r->>1, duration_ms = (v.r->>2)::int,
         response_content = v.r->>3, steps = v.r->4, failed_step = v.r->>5,
-        error_message = v.r->>6, updated_at = (v.r->>7)::timestamptz, reply_message_id = v.r->>8
+        error_message = v.r->>6, updated_at = (v.r->>7)::timestamptz, reply_message_id = v.r->>8,
+        input_tokens = (v.r->>11)::int, output_tokens = (v.r->>12)::int,
+        cost_usd = (v.r->>13)::numeric, agent_session_id = v.r->>14
     FROM jsonb_array_elements(%(fin)s::jsonb) AS v(r)
     WHERE t.trace_id = (v.r->>0)::uuid AND t.status = 'processing'"""
 # A reply's row is written with its final state; receipts that came first are already there.
@@ -128,6 +132,10 @@ class FinishedTrace:
     instance_id: int | None = None
     reply_message_id: str | None = None
     sent_at: dt.datetime | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: Decimal | None = None
+    agent_session_id: str | None = None
 
 
 @dataclass
@@ -200,7 +208,9 @@ class TraceStore:
             params["fin"] = rows_json([
                 [str(r.trace_id), r.status, r.duration_ms, r.response_content, r.steps,
                  r.failed_step, r.error_message, r.updated_at.isoformat(), r.reply_message_id,
-                 r.instance_id, r.sent_at.isoformat() if r.sent_at else None] for r in finished])
+                 r.instance_id, r.sent_at.isoformat() if r.sent_at else None, r.input_tokens,
+                 r.output_tokens, None if r.cost_usd is None else str(r.cost_usd),
+                 r.agent_session_id] for r in finished])
         if rows:
             params["new"] = rows_json([
                 [str(r.trace_id), r.instance_id, r.instance_name, r.message_id, r.user_id,
