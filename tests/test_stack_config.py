@@ -500,3 +500,54 @@ def test_loki_config():
     # A 1 MB batch must fit within one burst and one stream's burst.
     assert cfg["limits_config"]["ingestion_burst_size_mb"] >= 2
     assert cfg["auth_enabled"] is False
+
+
+# Keys whose value is a filesystem location (directories and files) in Loki's config.
+_LOKI_PATH_KEY = re.compile(r"(^|_)(dir|directory|path|path_prefix|location|file)$")
+
+
+def _loki_path_settings(node, where=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}.{key}" if where else str(key)
+            if isinstance(value, str) and _LOKI_PATH_KEY.search(str(key)):
+                yield here, value
+            else:
+                yield from _loki_path_settings(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _loki_path_settings(value, f"{where}[{i}]")
+
+
+def test_loki_keeps_every_path_in_its_volume():
+    cfg = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())
+    paths = dict(_loki_path_settings(cfg))
+    # Both storage client layouts name the chunk directory, and the working directories
+    # whose defaults are relative are set explicitly.
+    for required in ("common.path_prefix", "storage_config.filesystem.directory",
+                     "storage_config.object_store.filesystem.dir", "compactor.working_directory",
+                     "storage_config.tsdb_shipper.active_index_directory",
+                     "storage_config.tsdb_shipper.cache_location", "ingester.wal.dir",
+                     "ruler.wal.dir", "ruler.rule_path"):
+        assert required in paths, f"loki.yaml does not set {required}"
+    for where, value in paths.items():
+        assert value == "/loki" or value.startswith("/loki/"), f"{where}={value!r} is outside /loki"
+    assert paths["storage_config.filesystem.directory"] == paths["storage_config.object_store.filesystem.dir"], \
+        "both clients must read the same chunks"
+
+
+def test_loki_path_walk_finds_a_stray_path():
+    bad = {"common": {"path_prefix": "/loki"}, "compactor": {"working_directory": "compactor"},
+           "storage_config": {"object_store": {"filesystem": {"dir": ""}}}}
+    found = dict(_loki_path_settings(bad))
+    assert found == {"common.path_prefix": "/loki", "compactor.working_directory": "compactor",
+                     "storage_config.object_store.filesystem.dir": ""}
+
+
+def test_loki_serves_logs_drilldown():
+    cfg = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())
+    # service_name is derived from the stream label the service pushes (service="omni").
+    assert cfg["limits_config"]["discover_service_name"] == ["service"]
+    assert "service" in LOKI_STREAM_LABELS
+    assert cfg["pattern_ingester"]["enabled"] is True
+    assert cfg["limits_config"]["volume_enabled"] is True
