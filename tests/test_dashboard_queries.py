@@ -128,3 +128,18 @@ def test_key_panels_return_data(key, traffic, prometheus_url):
         if time.time() > deadline:
             pytest.fail(f"{key[1]}: no data from {[q.expanded() for q in queries]}")
         time.sleep(3)
+
+
+SLO_KEY_PANELS = {
+    # (dashboard, panel title): SLO panels on the fast recording rules, which have data once
+    # traffic was scraped (the 1 d..30 d ones are evaluated every 5 minutes).
+    ("omni-slo.json", "Availability burn rate by window"),
+    ("omni-slo.json", "Latency burn rate by window"),
+    ("omni-slo.json", "Availability error ratio"),
+    ("omni-slo.json", "Availability objective"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(SLO_KEY_PANELS), ids=[k[1] for k in sorted(SLO_KEY_PANELS)])
+def test_slo_panels_return_data(key, traffic, prometheus_url):
+    test_key_panels_return_data(key, traffic, prometheus_url)

@@ -424,7 +424,7 @@ def test_dashboards_are_valid():
         assert len(panel_ids) == len(set(panel_ids)), f"{name}: duplicate panel ids"
         defined = {v["name"] for v in dash.get("templating", {}).get("list", [])}
         for panel in gq.iter_panels(dash["panels"]):
-            if panel.get("type") == "row":
+            if panel.get("type") in ("row", "text"):   # text: the runbooks, no query
                 continue
             uids_used = {gq._uid(panel.get("datasource"))} | {gq._uid(t.get("datasource")) for t in panel.get("targets", [])}
             assert uids_used <= PROVISIONED_UIDS, f"{name}/{panel['title']}: datasource {uids_used}"
@@ -552,3 +552,308 @@ def test_loki_serves_logs_drilldown():
     assert "service" in LOKI_STREAM_LABELS
     assert cfg["pattern_ingester"]["enabled"] is True
     assert cfg["limits_config"]["volume_enabled"] is True
+
+
+# ------------------------------------------------------------------ SLO and failure-mode alerts
+RUNBOOKS_DASHBOARD = ROOT / "grafana" / "dashboards" / "omni-runbooks.json"
+SLO_ALERTS = "omni-slo-rules.yml"
+FAILURE_ALERTS = "omni-failure-rules.yml"
+
+
+def _rules_of(file_name: str) -> dict:
+    return {rule["uid"]: rule for name, rule in gq.alert_rules() if name == file_name}
+
+
+def _as_prometheus(rule: dict) -> dict:
+    """grafana_rule_as_prometheus, also carrying keepFiringFor (keep_firing_for)."""
+    translated = grafana_rule_as_prometheus(rule)
+    if rule.get("keepFiringFor"):
+        translated["keep_firing_for"] = rule["keepFiringFor"]
+    return translated
+
+
+def _promtool_alert_tests(tmp_path: Path, rules: dict, cases: list[dict], interval: str,
+                          recording_rules: list[str]) -> None:
+    """Run the translated `rules` with the project's recording rules through promtool."""
+    rule_file = tmp_path / "alerts.rules.yml"
+    rule_file.write_text(yaml.safe_dump({"groups": [{"name": "grafana-alerts", "interval": interval,
+                                                     "rules": list(rules.values())}]}))
+    files = [str(ROOT / "prometheus" / "rules" / f) for f in recording_rules] + [rule_file.name]
+    res = run([promtool(), "check", "rules", str(rule_file)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    test_file = tmp_path / "alerts.test.yml"
+    test_file.write_text(yaml.safe_dump({"rule_files": files, "evaluation_interval": interval,
+                                         "tests": cases}, sort_keys=False))
+    # Long windows over hours of samples: more than run()'s 2 minutes on a loaded machine.
+    res = subprocess.run([promtool(), "test", "rules", str(test_file)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _slo_cases(rules: dict) -> list[dict]:
+    """One sample a minute, 60 messages a minute, clean hours of history before each event.
+
+    Hours, not days, of history: enough to dilute the 1 d and 3 d windows (which then hold
+    only those hours) as much as each case needs, at a fraction of the evaluation time.
+    6 h fill the 6 h window; a 2-minute blip needs 10 h (2/600 stays under the 1x budget
+    rate of 0.5 %)."""
+    history, blip_history = 360, 600
+    msgs = 'omni_messages_total{instance="bot",status="%s"}'
+    count = 'omni_message_duration_seconds_count{instance="bot",status="completed"}'
+    fast = 'omni_message_duration_seconds_bucket{instance="bot",status="completed",le="10"}'
+    a4xx = 'omni_upstream_errors_total{upstream="agent",reason="http_4xx"}'
+    uids = sorted(rules)
+
+    def expect(t: str, firing: set[str]) -> list[dict]:
+        return [_alert(uid, rules, t, uid in firing) for uid in uids]
+
+    clean = f"0+60x{history}"
+    return [
+        {"name": "hard outage (every message fails) pages within minutes", "interval": "1m",
+         "input_series": [
+             {"series": msgs % "completed", "values": f"{clean} {60 * history}x60"},
+             {"series": msgs % "failed", "values": f"0x{history} 60+60x59"},
+             {"series": a4xx, "values": f"0x{history + 60}"}],
+         "alert_rule_test": expect(f"{history + 3}m", set())
+                            + expect(f"{history + 9}m", {"omni-slo-availability-page-fast"})
+                            + expect(f"{history + 60}m", {f"omni-slo-availability-{k}" for k in
+                                                      ("page-fast", "page", "ticket", "ticket-slow")})},
+        # The leak runs from the start: the long windows hold only leaking traffic.
+        {"name": "slow leak (1 message in 60 fails) opens tickets and never pages", "interval": "1m",
+         "input_series": [
+             {"series": msgs % "completed", "values": "0+59x240"},
+             {"series": msgs % "failed", "values": "0+1x240"},
+             {"series": a4xx, "values": "0x240"}],
+         "alert_rule_test": expect("240m", {"omni-slo-availability-ticket",
+                                            "omni-slo-availability-ticket-slow"})},
+        {"name": "the same leak made of agent 4xx burns no budget", "interval": "1m",
+         "input_series": [
+             {"series": msgs % "completed", "values": "0+59x240"},
+             {"series": msgs % "failed", "values": "0+1x240"},
+             {"series": a4xx, "values": "0+1x240"}],
+         "alert_rule_test": expect("240m", set())},
+        {"name": "a 2-minute blip (every message fails) neither pages nor tickets", "interval": "1m",
+         "input_series": [
+             {"series": msgs % "completed", "values": f"0+60x{blip_history} {60 * blip_history}x1 {60 * blip_history}+60x180"},
+             {"series": msgs % "failed", "values": f"0x{blip_history} 60 120 120x180"},
+             {"series": a4xx, "values": f"0x{blip_history + 183}"}],
+         "alert_rule_test": expect(f"{blip_history + 2}m", set()) + expect(f"{blip_history + 5}m", set())
+                            + expect(f"{blip_history + 30}m", set()) + expect(f"{blip_history + 180}m", set())},
+        {"name": "every message slower than 10 s pages on latency", "interval": "1m",
+         "input_series": [
+             {"series": count, "values": f"0+60x{history + 30}"},
+             {"series": fast, "values": f"{clean} {60 * history}x30"}],
+         "alert_rule_test": expect(f"{history + 3}m", set())
+                            + expect(f"{history + 15}m", {"omni-slo-latency-page-fast"})},
+        {"name": "no traffic fires nothing", "interval": "1m",
+         "input_series": [{"series": msgs % "completed", "values": "0x120"},
+                          {"series": count, "values": "0x120"}],
+         "alert_rule_test": expect("100m", set())},
+    ]
+
+
+def test_slo_burn_rate_alerts_with_promtool(tmp_path):
+    rules = {uid: _as_prometheus(rule) for uid, rule in _rules_of(SLO_ALERTS).items()}
+    expected = {f"omni-slo-{slo}-{kind}" for slo in ("availability", "latency")
+                for kind in ("page-fast", "page", "ticket", "ticket-slow")}
+    assert set(rules) == expected
+    assert {r["labels"]["severity"] for r in rules.values()} == {"page", "ticket"}
+    _promtool_alert_tests(tmp_path, rules, _slo_cases(rules), "1m", ["omni-slo.rules.yml"])
+
+
+def test_slo_alerts_follow_the_workbook_pairs():
+    pairs = {"page-fast": ("1h", "5m", 14.4, "page"), "page": ("6h", "30m", 6, "page"),
+             "ticket": ("1d", "2h", 3, "ticket"), "ticket-slow": ("3d", "6h", 1, "ticket")}
+    for uid, rule in _rules_of(SLO_ALERTS).items():
+        slo, kind = re.fullmatch(r"omni-slo-(availability|latency)-(.+)", uid).groups()
+        long_w, short_w, factor, severity = pairs[kind]
+        expr = [d for d in rule["data"] if d["datasourceUid"] == gq.PROMETHEUS_UID][0]["model"]["expr"]
+        assert f"omni:slo_{slo}:burn_rate{long_w} " in expr and f"omni:slo_{slo}:burn_rate{short_w}" in expr, uid
+        threshold = [d for d in rule["data"] if d["refId"] == rule["condition"]][0]["model"]
+        assert threshold["conditions"][0]["evaluator"] == {"type": "gt", "params": [factor]}, uid
+        assert rule["labels"]["severity"] == severity and rule["labels"]["slo"] == slo, uid
+        assert rule.get("keepFiringFor"), f"{uid}: burn-rate alerts flap without keepFiringFor"
+
+
+def test_slo_targets_are_defined_once():
+    text = (ROOT / "prometheus" / "rules" / "omni-slo.rules.yml").read_text()
+    doc = yaml.safe_load(text)
+    targets = {r["record"]: r["expr"] for g in doc["groups"] for r in g["rules"]
+               if r.get("record", "").startswith("omni:slo_target:")}
+    assert targets == {"omni:slo_target:availability": "vector(0.995)",
+                       "omni:slo_target:latency": "vector(0.99)"}
+    # Nothing else repeats the numbers: alerts and dashboards read the recording rules.
+    others = [ROOT / "grafana/provisioning/alerting" / SLO_ALERTS, ROOT / "grafana/dashboards/omni-slo.json"]
+    for path in others:
+        body = path.read_text()
+        assert "0.995" not in body and "0.005" not in body, f"{path.name} repeats a target"
+    for g in doc["groups"]:
+        for r in g["rules"]:
+            if not r["record"].startswith("omni:slo_target:"):
+                assert "0.995" not in r["expr"] and "0.99)" not in r["expr"], r["record"]
+
+
+def _failure_cases(rules: dict) -> list[dict]:
+    db = 'omni_upstream_errors_total{upstream="database",reason="unavailable"}'
+    over = 'omni_webhook_rejected_total{reason="overloaded"}'
+    dropped = "omni_log_records_dropped_total"
+    mem = 'omni_worker_resident_memory_bytes{pid="%s",replica="%s"}'
+    mib = 1024 * 1024
+    dbu, ovl, drp, loki, scrape, memory = ("omni-database-unreachable", "omni-webhooks-overloaded",
+                                            "omni-log-records-dropped", "omni-loki-down",
+                                            "omni-scrape-failing", "omni-worker-memory-high")
+    return [
+        {"name": "database errors for a few minutes fire, and keep firing a while after", "interval": "15s",
+         # One error every 15 s from 2.5 m to 6 m, none after.
+         "input_series": [{"series": db, "values": "0x10 1+1x13 14x60"}],
+         "alert_rule_test": [_alert(dbu, rules, "2m", False), _alert(dbu, rules, "5m", True),
+                             _alert(dbu, rules, "14m", True), _alert(dbu, rules, "18m", False)]},
+        {"name": "one failed database write does not fire", "interval": "15s",
+         "input_series": [{"series": db, "values": "0x10 1x40"}],
+         "alert_rule_test": [_alert(dbu, rules, "5m", False)]},
+        {"name": "sustained overload refusals fire", "interval": "15s",
+         "input_series": [{"series": over, "values": "0x4 1+1x40"}],
+         "alert_rule_test": [_alert(ovl, rules, "3m", False), _alert(ovl, rules, "8m", True)]},
+        {"name": "9 refusals in 5 minutes do not fire", "interval": "15s",
+         "input_series": [{"series": over, "values": "0+0.45x40"}],
+         "alert_rule_test": [_alert(ovl, rules, "9m", False)]},
+        {"name": "a dropped log record fires at once", "interval": "15s",
+         "input_series": [{"series": dropped, "values": "0x10 1x40"}],
+         "alert_rule_test": [_alert(drp, rules, "2m", False), _alert(drp, rules, "3m", True)]},
+        {"name": "no dropped log records", "interval": "15s",
+         "input_series": [{"series": dropped, "values": "0x40"}],
+         "alert_rule_test": [_alert(drp, rules, "5m", False)]},
+        {"name": "Loki scrapes failing for 2 minutes fire", "interval": "15s",
+         "input_series": [{"series": 'up{job="loki",instance="loki:3100"}', "values": "1x4 0x40"}],
+         "alert_rule_test": [_alert(loki, rules, "2m", False), _alert(loki, rules, "4m", True)]},
+        {"name": "Loki up, or no Loki job at all (make run)", "interval": "15s",
+         "input_series": [{"series": 'up{job="loki",instance="loki:3100"}', "values": "1x40"},
+                          {"series": 'up{job="omni",instance="127.0.0.1:8882"}', "values": "1x40"}],
+         "alert_rule_test": [_alert(loki, rules, "5m", False), _alert(scrape, rules, "8m", False)]},
+        {"name": "a target failing its scrapes for 5 minutes fires", "interval": "15s",
+         "input_series": [{"series": 'up{job="grafana",instance="grafana:3000"}', "values": "1x4 0x40"},
+                          {"series": 'up{job="omni",instance="omni:8882"}', "values": "1x44"}],
+         "alert_rule_test": [_alert(scrape, rules, "4m", False), _alert(scrape, rules, "8m", True)]},
+        {"name": "Loki failing is its own alert, not a scrape-failing one", "interval": "15s",
+         "input_series": [{"series": 'up{job="loki",instance="loki:3100"}', "values": "0x40"}],
+         "alert_rule_test": [_alert(scrape, rules, "8m", False), _alert(loki, rules, "8m", True)]},
+        {"name": "workers of one replica at 90 % of the limit fire", "interval": "15s",
+         "input_series": [{"series": mem % ("1", "omni:8882"), "values": f"{240 * mib}x40"},
+                          {"series": mem % ("2", "omni:8882"), "values": f"{220 * mib}x40"}],
+         "alert_rule_test": [_alert(memory, rules, "3m", False), _alert(memory, rules, "7m", True)]},
+        {"name": "two replicas at 78 % each do not fire (the limit is per container)", "interval": "15s",
+         "input_series": [{"series": mem % ("1", "a:8882"), "values": f"{200 * mib}x40"},
+                          {"series": mem % ("2", "a:8882"), "values": f"{200 * mib}x40"},
+                          {"series": mem % ("1", "b:8882"), "values": f"{200 * mib}x40"},
+                          {"series": mem % ("2", "b:8882"), "values": f"{200 * mib}x40"}],
+         "alert_rule_test": [_alert(memory, rules, "9m", False)]},
+    ]
+
+
+def test_failure_mode_alerts_with_promtool(tmp_path):
+    rules = {uid: _as_prometheus(rule) for uid, rule in _rules_of(FAILURE_ALERTS).items()}
+    assert set(rules) == {"omni-database-unreachable", "omni-webhooks-overloaded",
+                          "omni-log-records-dropped", "omni-loki-down", "omni-scrape-failing",
+                          "omni-worker-memory-high"}
+    _promtool_alert_tests(tmp_path, rules, _failure_cases(rules), "15s", ["omni-limits.rules.yml"])
+
+
+def test_failure_mode_alerts_use_existing_metrics():
+    source = (ROOT / "app" / "telemetry" / "metrics.py").read_text()
+    exposed = set(re.findall(r'"(omni_[a-z_]+)"', source))
+    for uid, rule in _rules_of(FAILURE_ALERTS).items():
+        expr = [d for d in rule["data"] if d["datasourceUid"] == gq.PROMETHEUS_UID][0]["model"]["expr"]
+        for name in set(re.findall(r"\bomni_[a-z_]+", expr)):
+            base = re.sub(r"_total$", "", name)
+            assert name in exposed or base in exposed or f"{base}_total" in exposed, f"{uid}: {name} is not a metric"
+
+
+def test_memory_limit_rule_matches_compose():
+    model = compose_model("main")
+    limit = int(model["services"]["omni"]["deploy"]["resources"]["limits"]["memory"])
+    doc = yaml.safe_load((ROOT / "prometheus" / "rules" / "omni-limits.rules.yml").read_text())
+    rule = [r for g in doc["groups"] for r in g["rules"] if r["record"] == "omni:container_memory_limit_bytes"][0]
+    assert rule["expr"] == f"vector({limit})", "omni's memory limit and the recording rule differ"
+
+
+def _grafana_root_url() -> str:
+    model = compose_model("main")
+    return model["services"]["grafana"]["environment"]["GF_SERVER_ROOT_URL"]
+
+
+def test_every_alert_links_its_runbook():
+    root = _grafana_root_url().rstrip("/") + "/"
+    panels = {p["id"]: p for p in json.loads(RUNBOOKS_DASHBOARD.read_text())["panels"]}
+    rules = dict((r["uid"], r) for _, r in gq.alert_rules())
+    assert len(rules) >= 18
+    for uid, rule in rules.items():
+        url = (rule.get("annotations") or {}).get("runbook_url", "")
+        m = re.fullmatch(re.escape(root) + r"d/omni-runbooks/omni-runbooks\?viewPanel=panel-(\d+)", url)
+        assert m, f"{uid}: runbook_url {url!r} is not an absolute link to a runbook panel"
+        panel = panels.get(int(m.group(1)))
+        assert panel, f"{uid}: runbook panel {m.group(1)} does not exist"
+        assert f"`{uid}`" in panel["options"]["content"], f"{uid}: its runbook section does not name it"
+        content = panel["options"]["content"]
+        for part in ("**Means.**", "**Confirm.**", "**Do.**"):
+            assert part in content, f"runbook {panel['title']!r} lacks {part}"
+
+
+def test_runbooks_dashboard_is_built_from_the_docs():
+    res = run([sys.executable, "scripts/runbooks-dashboard.py", "--check"])
+    assert res.returncode == 0, res.stderr
+
+
+def test_runbooks_dashboard_check_notices_a_stale_file(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("runbooks_dashboard", ROOT / "scripts" / "runbooks-dashboard.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (ROOT / "docs" / "runbooks.md").read_text()
+    assert mod.render(text) == RUNBOOKS_DASHBOARD.read_text()
+    assert mod.render(text + "\n## Extra\n\nmore\n") != RUNBOOKS_DASHBOARD.read_text()
+    titles = [t for t, _ in mod.sections(text)]
+    assert titles[0] == "Availability SLO burning" and len(titles) == len(set(titles))
+
+
+def test_alerts_route_on_severity():
+    files = gq.alert_files()
+    policy = [p for doc in files.values() for p in doc.get("policies") or []][0]
+    routes = policy.get("routes") or []
+    for uid, rule in ((r["uid"], r) for _, r in gq.alert_rules()):
+        severity = rule["labels"]["severity"]
+        matched = [r for r in routes
+                   if any(label == "severity" and op == "=~" and re.fullmatch(value, severity)
+                          for label, op, value in r["object_matchers"])]
+        assert len(matched) == 1, f"{uid}: severity {severity!r} matches {len(matched)} routes"
+    page = [r for r in routes if re.fullmatch(r["object_matchers"][0][2], "page")][0]
+    ticket = [r for r in routes if re.fullmatch(r["object_matchers"][0][2], "ticket")][0]
+    assert page["repeat_interval"] != ticket["repeat_interval"]
+
+
+def test_slo_dashboard():
+    dash = gq.dashboards()["omni-slo.json"]
+    assert dash["uid"] == "omni-slo"
+    panels = [p for p in gq.iter_panels(dash["panels"]) if p["type"] != "row"]
+    assert panels
+    for panel in panels:
+        assert panel["fieldConfig"]["defaults"].get("unit"), f"{panel['title']}: no unit"
+        for t in panel["targets"]:
+            # Ad-hoc rates follow the panel's resolution; fixed windows only come recorded.
+            if re.search(r"\brate\(", t["expr"]):
+                assert "[$__rate_interval]" in t["expr"] and not re.search(r"\[\d+[smhd]\]", t["expr"]), panel["title"]
+    titles = {p["title"] for p in panels}
+    for slo in ("Availability", "Latency"):
+        assert {f"{slo} error budget remaining", f"{slo} burn rate by window"} <= titles
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for rec in ("omni:slo_availability:budget_remaining", "omni:slo_latency:budget_remaining",
+                "omni:slo_target:availability", "omni:slo_availability:burn_rate1h"):
+        assert rec in exprs
+
+
+def test_every_dashboard_query_names_existing_recording_rules():
+    """A recorded series a dashboard or alert reads must be defined in prometheus/rules."""
+    defined = {r["record"] for f in (ROOT / "prometheus" / "rules").glob("*.yml")
+               for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "record" in r}
+    for q in gq.promql_queries():
+        for name in re.findall(r"\b[a-z_]+:[a-z0-9_:]+\b", q.text):
+            assert name in defined, f"{q.source}/{q.panel}: {name} is not a recording rule"
