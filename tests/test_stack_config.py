@@ -401,7 +401,8 @@ def test_datasources_provisioning():
     assert set(by_uid) == PROVISIONED_UIDS
     assert by_uid["traces"]["type"] == "grafana-postgresql-datasource"
     assert by_uid["traces"]["user"] == "grafana_reader"
-    assert by_uid["traces"]["secureJsonData"]["password"] == "$GRAFANA_DB_PASSWORD"
+    # The password is the compose secret file, never an environment value.
+    assert by_uid["traces"]["secureJsonData"]["password"] == "$__file{/run/secrets/grafana_db_password}"
     assert by_uid["traces"]["jsonData"]["database"] == "omni"
     fields = by_uid["loki"]["jsonData"]["derivedFields"]
     assert any(f["matcherType"] == "label" and f["matcherRegex"] == "trace_id" for f in fields)
@@ -857,3 +858,102 @@ def test_every_dashboard_query_names_existing_recording_rules():
     for q in gq.promql_queries():
         for name in re.findall(r"\b[a-z_]+:[a-z0-9_:]+\b", q.text):
             assert name in defined, f"{q.source}/{q.panel}: {name} is not a recording rule"
+
+
+# ------------------------------------------------------------------ compose secrets and hardening
+SECRET_FILES = {
+    # service: {environment variable: secret name}
+    "omni": {"AUTOMAGIK_OMNI_API_KEY_FILE": "api_key", "AUTOMAGIK_OMNI_METRICS_TOKEN_FILE": "metrics_token",
+             "AUTOMAGIK_OMNI_DATABASE_URL_FILE": "database_url"},
+    "postgres": {"POSTGRES_PASSWORD_FILE": "postgres_password",
+                 "GRAFANA_DB_PASSWORD_FILE": "grafana_db_password"},
+    "grafana": {"GF_SECURITY_ADMIN_PASSWORD__FILE": "grafana_admin_password"},
+    "loadgen": {"AUTOMAGIK_OMNI_API_KEY_FILE": "api_key"},
+}
+
+
+@pytest.mark.parametrize("which", sorted(COMPOSE_FILES))
+def test_no_secret_in_any_container_environment_or_command(which):
+    """.env.example's secrets are all `change-me`: none may appear in what docker inspect shows."""
+    model = compose_model(which)
+    for name, svc in model["services"].items():
+        shown = json.dumps({k: svc.get(k) for k in ("environment", "command", "entrypoint", "labels",
+                                                   "healthcheck")})
+        assert "change-me" not in shown, f"{name}: a secret is visible in its configuration"
+    sources = {n: s.get("environment") for n, s in model["secrets"].items()}
+    assert sources == {"api_key": "AUTOMAGIK_OMNI_API_KEY", "metrics_token": "AUTOMAGIK_OMNI_METRICS_TOKEN",
+                       "database_url": "AUTOMAGIK_OMNI_DATABASE_URL", "postgres_password": "POSTGRES_PASSWORD",
+                       "grafana_admin_password": "GRAFANA_ADMIN_PASSWORD",
+                       "grafana_db_password": "GRAFANA_DB_PASSWORD"}
+
+
+@pytest.mark.parametrize("which", sorted(COMPOSE_FILES))
+def test_secrets_reach_containers_as_files(which):
+    services = compose_model(which)["services"]
+    for name, wanted in SECRET_FILES.items():
+        env = services[name].get("environment") or {}
+        mounted = {s["source"]: s.get("target", f"/run/secrets/{s['source']}") for s in services[name].get("secrets", [])}
+        for var, secret in wanted.items():
+            assert secret in mounted, f"{name}: secret {secret} not mounted"
+            target = mounted[secret] if mounted[secret].startswith("/") else f"/run/secrets/{mounted[secret]}"
+            assert env.get(var) == target, f"{name}: {var} should name {target}"
+            assert var.removesuffix("_FILE").removesuffix("_") not in env, f"{name}: both {var} and its value"
+
+
+def test_database_url_secret_is_built_from_the_password():
+    # compose expands ${POSTGRES_PASSWORD} inside .env: the URL follows the password.
+    values = _env_example()
+    assert values["AUTOMAGIK_OMNI_DATABASE_URL"] == "postgresql://omni:${POSTGRES_PASSWORD}@postgres:5432/omni"
+    res = compose(COMPOSE_FILES["main"], "config", "--format", "json")
+    assert json.loads(res.stdout)["x-database-url-check"] == "postgresql://omni:change-me@postgres:5432/omni"
+
+
+def test_compose_stops_on_an_old_env_without_the_database_url(tmp_path):
+    old = tmp_path / ".env"
+    old.write_text("\n".join(l for l in ENV_EXAMPLE.read_text().splitlines()
+                             if not l.startswith("AUTOMAGIK_OMNI_DATABASE_URL=")) + "\n")
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME")}
+    res = run([compose_bin(), "--env-file", str(old), "-f", "docker-compose.yml", "config", "-q"], env=env)
+    # compose names the fix (it carries on: errors in x- fields are not fatal to it) ...
+    assert "add AUTOMAGIK_OMNI_DATABASE_URL to .env" in res.stderr
+    # ... and gen-env (make up) completes the old file.
+    res = run(["sh", str(ROOT / "scripts" / "gen-env.sh"), str(old), str(ENV_EXAMPLE)])
+    assert res.returncode == 0 and "added to" in res.stdout and "AUTOMAGIK_OMNI_DATABASE_URL" in res.stdout
+    assert old.read_text().count("AUTOMAGIK_OMNI_DATABASE_URL=") == 1
+    res = run([compose_bin(), "--env-file", str(old), "-f", "docker-compose.yml", "config", "-q"], env=env)
+    assert res.returncode == 0 and "AUTOMAGIK_OMNI_DATABASE_URL" not in res.stderr
+    res = run(["sh", str(ROOT / "scripts" / "gen-env.sh"), str(old), str(ENV_EXAMPLE)])
+    assert "left unchanged" in res.stdout
+
+
+@pytest.mark.parametrize("which", sorted(COMPOSE_FILES))
+def test_containers_are_locked_down(which):
+    for name, svc in compose_model(which)["services"].items():
+        assert "no-new-privileges:true" in (svc.get("security_opt") or []), f"{name}: no no-new-privileges"
+        assert svc.get("read_only") is True, f"{name}: root filesystem is writable"
+        for mount in svc.get("tmpfs") or []:
+            assert ":size=" in mount, f"{name}: tmpfs {mount} has no size limit"
+
+
+def test_grafana_reader_init_reads_the_password_file(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("x")
+    env = {"PATH": os.environ["PATH"], "GRAFANA_DB_PASSWORD_FILE": str(pw), "GRAFANA_DB_PASSWORD": "y"}
+    res = run(["sh", "postgres/init/01-grafana-reader.sh"], env=env)
+    assert res.returncode != 0 and "both set" in res.stderr
+    # An empty file is no password either.
+    pw.write_text("")
+    env.pop("GRAFANA_DB_PASSWORD")
+    res = run(["sh", "postgres/init/01-grafana-reader.sh"], env=env)
+    assert res.returncode != 0 and "GRAFANA_DB_PASSWORD is not set" in res.stderr
+
+
+def test_gen_env_completes_an_old_file_with_fresh_secrets(tmp_path):
+    old = tmp_path / ".env"
+    old.write_text("AUTOMAGIK_OMNI_API_KEY=kept-as-it-was\n")
+    res = run(["sh", str(ROOT / "scripts" / "gen-env.sh"), str(old), str(ENV_EXAMPLE)])
+    assert res.returncode == 0, res.stderr
+    values = dict(l.split("=", 1) for l in old.read_text().splitlines() if "=" in l and not l.startswith("#"))
+    assert values["AUTOMAGIK_OMNI_API_KEY"] == "kept-as-it-was"
+    assert set(values) == set(_env_example())
+    assert "change-me" not in old.read_text() and len(values["GRAFANA_DB_PASSWORD"]) >= 24
