@@ -65,7 +65,7 @@ class Settings:
         values: dict[str, object] = {}
         for field in dataclasses.fields(cls):
             name = PREFIX + field.name.upper()
-            raw = env.get(name)
+            raw = read_variable(env, name)
             if raw is None or (raw.strip() == "" and field.name != "api_key"):
                 continue
             values[field.name] = _parse(name, field.type, raw.strip())
@@ -127,6 +127,33 @@ class Settings:
         # libpq also accepts the password as a query parameter.
         data["database_url"] = re.sub(r"([?&]password=)[^&#]*", r"\1****", data["database_url"])
         return data
+
+
+def read_variable(env: Mapping[str, str], name: str) -> str | None:
+    """The value of `name`, or the content of the file named by `name`_FILE.
+
+    Secrets reach containers as files (Docker secrets, /run/secrets/...) rather than as
+    environment values that `docker inspect` shows: AUTOMAGIK_OMNI_API_KEY_FILE=/run/secrets/x
+    reads the API key from that file. One trailing newline (what `echo` and editors add) is
+    removed. Setting both forms is an error: which one wins would be a guess."""
+    file_name = name + "_FILE"
+    path = env.get(file_name)
+    if path is None:
+        return env.get(name)
+    if name in env:
+        raise ConfigError(f"{name} and {file_name} are both set: set only one of them")
+    if not path.strip():
+        raise ConfigError(f"{file_name} is empty: set it to the path of a file holding {name}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{file_name}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file_name}: {path} is not UTF-8 text") from None
+    if value.endswith("\r\n"):
+        return value[:-2]
+    return value[:-1] if value.endswith("\n") else value
 
 
 def _parse(name: str, kind: object, raw: str) -> object:

@@ -682,8 +682,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds to send; 0 = until interrupted")
     p.add_argument("--instance", default="demo")
     p.add_argument("--users", type=_positive(int), default=50, help="distinct senders")
-    p.add_argument("--api-key", default=os.environ.get("AUTOMAGIK_OMNI_API_KEY"),
-                   help="gateway x-api-key (default $AUTOMAGIK_OMNI_API_KEY)")
+    p.add_argument("--api-key", default=None,
+                   help="gateway x-api-key (default $AUTOMAGIK_OMNI_API_KEY, or the file named "
+                        "by $AUTOMAGIK_OMNI_API_KEY_FILE)")
     p.add_argument("--sandbox-url", default=os.environ.get("SANDBOX_URL") or DEFAULT_SANDBOX_URL,
                    help="agent/Evolution URL stored in a created instance (default $SANDBOX_URL)")
     p.add_argument("--slow-rate", type=_share, default=0.02,
@@ -707,7 +708,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between progress lines on stderr")
     args = p.parse_args(argv)
     if not args.api_key:
-        p.error("--api-key or AUTOMAGIK_OMNI_API_KEY is required")
+        # The same rules as the service's own settings (a file keeps the key out of argv).
+        from app.config import ConfigError, read_variable
+        try:
+            args.api_key = (read_variable(os.environ, "AUTOMAGIK_OMNI_API_KEY") or "").strip()
+        except ConfigError as exc:
+            p.error(str(exc))
+    if not args.api_key:
+        p.error("--api-key, AUTOMAGIK_OMNI_API_KEY or AUTOMAGIK_OMNI_API_KEY_FILE is required")
     return args
 
 

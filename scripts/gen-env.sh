@@ -1,6 +1,7 @@
 #!/bin/sh
 # Write .env from .env.example with a fresh random secret for every `change-me`.
-# Never overwrites an existing .env (idempotent); the file is created with mode 600.
+# Never overwrites an existing .env (idempotent): it only appends the variables the template
+# has and the file lacks. The file is created with mode 600.
 # Usage: scripts/gen-env.sh [TARGET [TEMPLATE]]   (defaults: .env and .env.example
 # next to this script's parent directory).
 set -eu
@@ -9,10 +10,6 @@ root=$(CDPATH= cd -- "$(dirname -- "$0")/.." && pwd)
 target=${1:-"$root/.env"}
 template=${2:-"$root/.env.example"}
 
-if [ -e "$target" ]; then
-    echo "gen-env: $target already exists, left unchanged"
-    exit 0
-fi
 if [ ! -r "$template" ]; then
     echo "gen-env: template $template not found" >&2
     exit 1
@@ -27,6 +24,38 @@ secret() {
     fi
 }
 
+# A line's placeholders replaced by fresh secrets.
+fill() {
+    line=$1
+    while case "$line" in *change-me*) true ;; *) false ;; esac; do
+        before=${line%%change-me*}
+        after=${line#*change-me}
+        line="$before$(secret)$after"
+    done
+    printf '%s\n' "$line"
+}
+
+if [ -e "$target" ]; then
+    # Never rewritten; only variables the template gained since it was written are
+    # appended (with fresh secrets), so an older .env keeps working.
+    added=""
+    while IFS= read -r line || [ -n "$line" ]; do
+        case "$line" in [A-Za-z_]*=*) ;; *) continue ;; esac
+        name=${line%%=*}
+        if ! grep -q "^$name=" "$target"; then
+            [ -n "$added" ] || printf '\n# Added by scripts/gen-env.sh from %s.\n' "$(basename "$template")" >>"$target"
+            fill "$line" >>"$target"
+            added="$added $name"
+        fi
+    done <"$template"
+    if [ -n "$added" ]; then
+        echo "gen-env: added to $target:$added"
+    else
+        echo "gen-env: $target already exists, left unchanged"
+    fi
+    exit 0
+fi
+
 umask 077
 tmp="$target.tmp.$$"
 trap 'rm -f "$tmp"' EXIT INT TERM
@@ -35,12 +64,7 @@ chmod 600 "$tmp"
 while IFS= read -r line || [ -n "$line" ]; do
     # Only assignments (NAME=value) carry placeholders; comments are copied as they are.
     case "$line" in [A-Za-z_]*=*) ;; *) printf '%s\n' "$line" >>"$tmp"; continue ;; esac
-    while case "$line" in *change-me*) true ;; *) false ;; esac; do
-        before=${line%%change-me*}
-        after=${line#*change-me}
-        line="$before$(secret)$after"
-    done
-    printf '%s\n' "$line" >>"$tmp"
+    fill "$line" >>"$tmp"
 done <"$template"
 mv "$tmp" "$target"
 trap - EXIT INT TERM

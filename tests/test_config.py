@@ -168,3 +168,77 @@ def test_gunicorn_refuses_bad_configuration(overrides, with_key, variable):
     assert code != 0, out
     assert variable in out, out
     assert "Traceback" not in out, out
+
+
+# ------------------------------------------------------------------ *_FILE variables
+def test_a_value_can_come_from_a_file(tmp_path):
+    key = tmp_path / "api_key"
+    key.write_text(KEY + "\n")                      # the newline `echo` and editors add
+    url = tmp_path / "database_url"
+    url.write_text("postgresql://omni:s3cret@db:5432/omni")
+    s = Settings.from_env({P + "API_KEY_FILE": str(key), P + "DATABASE_URL_FILE": str(url),
+                           P + "PORT": "9001"})
+    assert s.api_key == KEY
+    assert s.database_url == "postgresql://omni:s3cret@db:5432/omni"
+    assert s.port == 9001
+
+
+def test_a_file_value_is_parsed_like_an_environment_value(tmp_path):
+    (tmp_path / "workers").write_text("3\r\n")
+    (tmp_path / "bad").write_text("many\n")
+    assert Settings.from_env({**env(), P + "WORKERS_FILE": str(tmp_path / "workers")}).workers == 3
+    with pytest.raises(ConfigError, match="AUTOMAGIK_OMNI_WORKERS.*whole number"):
+        Settings.from_env({**env(), P + "WORKERS_FILE": str(tmp_path / "bad")})
+
+
+def test_only_one_trailing_newline_is_removed(tmp_path):
+    from app.config import read_variable
+    f = tmp_path / "v"
+    f.write_text("value\n\n")
+    assert read_variable({"X_FILE": str(f)}, "X") == "value\n"
+    f.write_text("value")
+    assert read_variable({"X_FILE": str(f)}, "X") == "value"
+    assert read_variable({"X": "plain"}, "X") == "plain"
+    assert read_variable({}, "X") is None
+
+
+def test_value_and_file_together_are_a_startup_error(tmp_path):
+    key = tmp_path / "api_key"
+    key.write_text(KEY)
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({P + "API_KEY": KEY, P + "API_KEY_FILE": str(key)})
+    assert "AUTOMAGIK_OMNI_API_KEY and AUTOMAGIK_OMNI_API_KEY_FILE are both set" in str(exc.value)
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/omni/api_key", ""])
+def test_an_unreadable_file_is_a_startup_error(path):
+    with pytest.raises(ConfigError, match="AUTOMAGIK_OMNI_API_KEY_FILE"):
+        Settings.from_env({P + "API_KEY_FILE": path})
+
+
+def test_an_empty_secret_file_counts_as_missing(tmp_path):
+    empty = tmp_path / "api_key"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="AUTOMAGIK_OMNI_API_KEY is required"):
+        Settings.from_env({P + "API_KEY_FILE": str(empty)})
+
+
+def test_the_service_refuses_to_start_with_both(tmp_path):
+    """The check runs where the service starts (not only in Settings): a real process exits."""
+    key = tmp_path / "api_key"
+    key.write_text(KEY)
+    child_env = {"PATH": os.environ["PATH"], P + "API_KEY": KEY, P + "API_KEY_FILE": str(key)}
+    res = subprocess.run([PYTHON, "-c", "from app import create_app; create_app()"], cwd=ROOT,
+                         env=child_env, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "AUTOMAGIK_OMNI_API_KEY_FILE are both set" in res.stderr
+
+
+def test_loadgen_reads_the_key_file(tmp_path, monkeypatch):
+    from demo.loadgen import parse_args
+    key = tmp_path / "api_key"
+    key.write_text("from-a-file\n")
+    monkeypatch.delenv(P + "API_KEY", raising=False)
+    monkeypatch.setenv(P + "API_KEY_FILE", str(key))
+    args = parse_args(["--url", "http://127.0.0.1:1", "--rate", "1", "--duration", "1"])
+    assert args.api_key == "from-a-file"

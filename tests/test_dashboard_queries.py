@@ -152,3 +152,18 @@ def test_cost_panels_see_priced_traffic(service, sandbox, grafana_reader_url):
         assert len(users) == 3 and users[0][4] >= users[-1][4]
         cur.execute(panels["Agent tokens"].expanded(**args))
         assert cur.fetchone() == (sum(t["input_tokens"] for t in traces), sum(t["output_tokens"] for t in traces))
+
+
+SLO_KEY_PANELS = {
+    # (dashboard, panel title): SLO panels on the fast recording rules, which have data once
+    # traffic was scraped (the 1 d..30 d ones are evaluated every 5 minutes).
+    ("omni-slo.json", "Availability burn rate by window"),
+    ("omni-slo.json", "Latency burn rate by window"),
+    ("omni-slo.json", "Availability error ratio"),
+    ("omni-slo.json", "Availability objective"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(SLO_KEY_PANELS), ids=[k[1] for k in sorted(SLO_KEY_PANELS)])
+def test_slo_panels_return_data(key, traffic, prometheus_url):
+    test_key_panels_return_data(key, traffic, prometheus_url)

@@ -248,7 +248,8 @@ def test_promtool_check_configs(tmp_path):
         assert res.returncode == 0, f"{name}: {res.stdout}{res.stderr}"
     res = run([promtool(), "check", "config", "prometheus/prometheus.native.yml"])
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 rule files found" in res.stdout + res.stderr
+    rule_files = len(list((ROOT / "prometheus" / "rules").glob("*.yml")))
+    assert f"{rule_files} rule files found" in res.stdout + res.stderr
 
 
 def test_prometheus_keeps_omni_instance_label():
@@ -419,7 +420,8 @@ def test_datasources_provisioning():
     assert set(by_uid) == PROVISIONED_UIDS
     assert by_uid["traces"]["type"] == "grafana-postgresql-datasource"
     assert by_uid["traces"]["user"] == "grafana_reader"
-    assert by_uid["traces"]["secureJsonData"]["password"] == "$GRAFANA_DB_PASSWORD"
+    # The password is the compose secret file, never an environment value.
+    assert by_uid["traces"]["secureJsonData"]["password"] == "$__file{/run/secrets/grafana_db_password}"
     assert by_uid["traces"]["jsonData"]["database"] == "omni"
     fields = by_uid["loki"]["jsonData"]["derivedFields"]
     assert any(f["matcherType"] == "label" and f["matcherRegex"] == "trace_id" for f in fields)
@@ -442,7 +444,7 @@ def test_dashboards_are_valid():
         assert len(panel_ids) == len(set(panel_ids)), f"{name}: duplicate panel ids"
         defined = {v["name"] for v in dash.get("templating", {}).get("list", [])}
         for panel in gq.iter_panels(dash["panels"]):
-            if panel.get("type") == "row":
+            if panel.get("type") in ("row", "text"):   # text: the runbooks, no query
                 continue
             uids_used = {gq._uid(panel.get("datasource"))} | {gq._uid(t.get("datasource")) for t in panel.get("targets", [])}
             assert uids_used <= PROVISIONED_UIDS, f"{name}/{panel['title']}: datasource {uids_used}"
@@ -519,3 +521,458 @@ def test_loki_config():
     # A 1 MB batch must fit within one burst and one stream's burst.
     assert cfg["limits_config"]["ingestion_burst_size_mb"] >= 2
     assert cfg["auth_enabled"] is False
+
+
+# Keys whose value is a filesystem location (directories and files) in Loki's config.
+_LOKI_PATH_KEY = re.compile(r"(^|_)(dir|directory|path|path_prefix|location|file)$")
+
+
+def _loki_path_settings(node, where=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}.{key}" if where else str(key)
+            if isinstance(value, str) and _LOKI_PATH_KEY.search(str(key)):
+                yield here, value
+            else:
+                yield from _loki_path_settings(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _loki_path_settings(value, f"{where}[{i}]")
+
+
+def test_loki_keeps_every_path_in_its_volume():
+    cfg = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())
+    paths = dict(_loki_path_settings(cfg))
+    # Both storage client layouts name the chunk directory, and the working directories
+    # whose defaults are relative are set explicitly.
+    for required in ("common.path_prefix", "storage_config.filesystem.directory",
+                     "storage_config.object_store.filesystem.dir", "compactor.working_directory",
+                     "storage_config.tsdb_shipper.active_index_directory",
+                     "storage_config.tsdb_shipper.cache_location", "ingester.wal.dir",
+                     "ruler.wal.dir", "ruler.rule_path"):
+        assert required in paths, f"loki.yaml does not set {required}"
+    for where, value in paths.items():
+        assert value == "/loki" or value.startswith("/loki/"), f"{where}={value!r} is outside /loki"
+    assert paths["storage_config.filesystem.directory"] == paths["storage_config.object_store.filesystem.dir"], \
+        "both clients must read the same chunks"
+
+
+def test_loki_path_walk_finds_a_stray_path():
+    bad = {"common": {"path_prefix": "/loki"}, "compactor": {"working_directory": "compactor"},
+           "storage_config": {"object_store": {"filesystem": {"dir": ""}}}}
+    found = dict(_loki_path_settings(bad))
+    assert found == {"common.path_prefix": "/loki", "compactor.working_directory": "compactor",
+                     "storage_config.object_store.filesystem.dir": ""}
+
+
+def test_loki_serves_logs_drilldown():
+    cfg = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())
+    # service_name is derived from the stream label the service pushes (service="omni").
+    assert cfg["limits_config"]["discover_service_name"] == ["service"]
+    assert "service" in LOKI_STREAM_LABELS
+    assert cfg["pattern_ingester"]["enabled"] is True
+    assert cfg["limits_config"]["volume_enabled"] is True
+
+
+# ------------------------------------------------------------------ SLO and failure-mode alerts
+RUNBOOKS_DASHBOARD = ROOT / "grafana" / "dashboards" / "omni-runbooks.json"
+SLO_ALERTS = "omni-slo-rules.yml"
+FAILURE_ALERTS = "omni-failure-rules.yml"
+
+
+def _rules_of(file_name: str) -> dict:
+    return {rule["uid"]: rule for name, rule in gq.alert_rules() if name == file_name}
+
+
+def _as_prometheus(rule: dict) -> dict:
+    """grafana_rule_as_prometheus, also carrying keepFiringFor (keep_firing_for)."""
+    translated = grafana_rule_as_prometheus(rule)
+    if rule.get("keepFiringFor"):
+        translated["keep_firing_for"] = rule["keepFiringFor"]
+    return translated
+
+
+def _promtool_alert_tests(tmp_path: Path, rules: dict, cases: list[dict], interval: str,
+                          recording_rules: list[str]) -> None:
+    """Run the translated `rules` with the project's recording rules through promtool."""
+    rule_file = tmp_path / "alerts.rules.yml"
+    rule_file.write_text(yaml.safe_dump({"groups": [{"name": "grafana-alerts", "interval": interval,
+                                                     "rules": list(rules.values())}]}))
+    files = [str(ROOT / "prometheus" / "rules" / f) for f in recording_rules] + [rule_file.name]
+    res = run([promtool(), "check", "rules", str(rule_file)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    test_file = tmp_path / "alerts.test.yml"
+    test_file.write_text(yaml.safe_dump({"rule_files": files, "evaluation_interval": interval,
+                                         "tests": cases}, sort_keys=False))
+    # Long windows over hours of samples: more than run()'s 2 minutes on a loaded machine.
+    res = subprocess.run([promtool(), "test", "rules", str(test_file)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _slo_cases(rules: dict) -> list[dict]:
+    """One sample a minute, 60 messages a minute, clean hours of history before each event.
+
+    Hours, not days, of history: enough to dilute the 1 d and 3 d windows (which then hold
+    only those hours) as much as each case needs, at a fraction of the evaluation time.
+    6 h fill the 6 h window; a 2-minute blip needs 10 h (2/600 stays under the 1x budget
+    rate of 0.5 %)."""
+    history, blip_history = 360, 600
+    msgs = 'omni_messages_total{instance="bot",status="%s"}'
+    count = 'omni_message_duration_seconds_count{instance="bot",status="completed"}'
+    fast = 'omni_message_duration_seconds_bucket{instance="bot",status="completed",le="10"}'
+    a4xx = 'omni_upstream_errors_total{upstream="agent",reason="http_4xx"}'
+    uids = sorted(rules)
+
+    def expect(t: str, firing: set[str]) -> list[dict]:
+        return [_alert(uid, rules, t, uid in firing) for uid in uids]
+
+    clean = f"0+60x{history}"
+    return [
+        {"name": "hard outage (every message fails) pages within minutes", "interval": "1m",
+         "input_series": [
+             {"series": msgs % "completed", "values": f"{clean} {60 * history}x60"},
+             {"series": msgs % "failed", "values": f"0x{history} 60+60x59"},
+             {"series": a4xx, "values": f"0x{history + 60}"}],
+         "alert_rule_test": expect(f"{history + 3}m", set())
+                            + expect(f"{history + 9}m", {"omni-slo-availability-page-fast"})
+                            + expect(f"{history + 60}m", {f"omni-slo-availability-{k}" for k in
+                                                      ("page-fast", "page", "ticket", "ticket-slow")})},
+        # The leak runs from the start: the long windows hold only leaking traffic.
+        {"name": "slow leak (1 message in 60 fails) opens tickets and never pages", "interval": "1m",
+         "input_series": [
+             {"series": msgs % "completed", "values": "0+59x240"},
+             {"series": msgs % "failed", "values": "0+1x240"},
+             {"series": a4xx, "values": "0x240"}],
+         "alert_rule_test": expect("240m", {"omni-slo-availability-ticket",
+                                            "omni-slo-availability-ticket-slow"})},
+        {"name": "the same leak made of agent 4xx burns no budget", "interval": "1m",
+         "input_series": [
+             {"series": msgs % "completed", "values": "0+59x240"},
+             {"series": msgs % "failed", "values": "0+1x240"},
+             {"series": a4xx, "values": "0+1x240"}],
+         "alert_rule_test": expect("240m", set())},
+        {"name": "a 2-minute blip (every message fails) neither pages nor tickets", "interval": "1m",
+         "input_series": [
+             {"series": msgs % "completed", "values": f"0+60x{blip_history} {60 * blip_history}x1 {60 * blip_history}+60x180"},
+             {"series": msgs % "failed", "values": f"0x{blip_history} 60 120 120x180"},
+             {"series": a4xx, "values": f"0x{blip_history + 183}"}],
+         "alert_rule_test": expect(f"{blip_history + 2}m", set()) + expect(f"{blip_history + 5}m", set())
+                            + expect(f"{blip_history + 30}m", set()) + expect(f"{blip_history + 180}m", set())},
+        {"name": "every message slower than 10 s pages on latency", "interval": "1m",
+         "input_series": [
+             {"series": count, "values": f"0+60x{history + 30}"},
+             {"series": fast, "values": f"{clean} {60 * history}x30"}],
+         "alert_rule_test": expect(f"{history + 3}m", set())
+                            + expect(f"{history + 15}m", {"omni-slo-latency-page-fast"})},
+        {"name": "no traffic fires nothing", "interval": "1m",
+         "input_series": [{"series": msgs % "completed", "values": "0x120"},
+                          {"series": count, "values": "0x120"}],
+         "alert_rule_test": expect("100m", set())},
+    ]
+
+
+def test_slo_burn_rate_alerts_with_promtool(tmp_path):
+    rules = {uid: _as_prometheus(rule) for uid, rule in _rules_of(SLO_ALERTS).items()}
+    expected = {f"omni-slo-{slo}-{kind}" for slo in ("availability", "latency")
+                for kind in ("page-fast", "page", "ticket", "ticket-slow")}
+    assert set(rules) == expected
+    assert {r["labels"]["severity"] for r in rules.values()} == {"page", "ticket"}
+    _promtool_alert_tests(tmp_path, rules, _slo_cases(rules), "1m", ["omni-slo.rules.yml"])
+
+
+def test_slo_alerts_follow_the_workbook_pairs():
+    pairs = {"page-fast": ("1h", "5m", 14.4, "page"), "page": ("6h", "30m", 6, "page"),
+             "ticket": ("1d", "2h", 3, "ticket"), "ticket-slow": ("3d", "6h", 1, "ticket")}
+    for uid, rule in _rules_of(SLO_ALERTS).items():
+        slo, kind = re.fullmatch(r"omni-slo-(availability|latency)-(.+)", uid).groups()
+        long_w, short_w, factor, severity = pairs[kind]
+        expr = [d for d in rule["data"] if d["datasourceUid"] == gq.PROMETHEUS_UID][0]["model"]["expr"]
+        assert f"omni:slo_{slo}:burn_rate{long_w} " in expr and f"omni:slo_{slo}:burn_rate{short_w}" in expr, uid
+        threshold = [d for d in rule["data"] if d["refId"] == rule["condition"]][0]["model"]
+        assert threshold["conditions"][0]["evaluator"] == {"type": "gt", "params": [factor]}, uid
+        assert rule["labels"]["severity"] == severity and rule["labels"]["slo"] == slo, uid
+        assert rule.get("keepFiringFor"), f"{uid}: burn-rate alerts flap without keepFiringFor"
+
+
+def test_slo_targets_are_defined_once():
+    text = (ROOT / "prometheus" / "rules" / "omni-slo.rules.yml").read_text()
+    doc = yaml.safe_load(text)
+    targets = {r["record"]: r["expr"] for g in doc["groups"] for r in g["rules"]
+               if r.get("record", "").startswith("omni:slo_target:")}
+    assert targets == {"omni:slo_target:availability": "vector(0.995)",
+                       "omni:slo_target:latency": "vector(0.99)"}
+    # Nothing else repeats the numbers: alerts and dashboards read the recording rules.
+    others = [ROOT / "grafana/provisioning/alerting" / SLO_ALERTS, ROOT / "grafana/dashboards/omni-slo.json"]
+    for path in others:
+        body = path.read_text()
+        assert "0.995" not in body and "0.005" not in body, f"{path.name} repeats a target"
+    for g in doc["groups"]:
+        for r in g["rules"]:
+            if not r["record"].startswith("omni:slo_target:"):
+                assert "0.995" not in r["expr"] and "0.99)" not in r["expr"], r["record"]
+
+
+def _failure_cases(rules: dict) -> list[dict]:
+    db = 'omni_upstream_errors_total{upstream="database",reason="unavailable"}'
+    over = 'omni_webhook_rejected_total{reason="overloaded"}'
+    dropped = "omni_log_records_dropped_total"
+    mem = 'omni_worker_resident_memory_bytes{pid="%s",replica="%s"}'
+    mib = 1024 * 1024
+    dbu, ovl, drp, loki, scrape, memory = ("omni-database-unreachable", "omni-webhooks-overloaded",
+                                            "omni-log-records-dropped", "omni-loki-down",
+                                            "omni-scrape-failing", "omni-worker-memory-high")
+    return [
+        {"name": "database errors for a few minutes fire, and keep firing a while after", "interval": "15s",
+         # One error every 15 s from 2.5 m to 6 m, none after.
+         "input_series": [{"series": db, "values": "0x10 1+1x13 14x60"}],
+         "alert_rule_test": [_alert(dbu, rules, "2m", False), _alert(dbu, rules, "5m", True),
+                             _alert(dbu, rules, "14m", True), _alert(dbu, rules, "18m", False)]},
+        {"name": "one failed database write does not fire", "interval": "15s",
+         "input_series": [{"series": db, "values": "0x10 1x40"}],
+         "alert_rule_test": [_alert(dbu, rules, "5m", False)]},
+        {"name": "sustained overload refusals fire", "interval": "15s",
+         "input_series": [{"series": over, "values": "0x4 1+1x40"}],
+         "alert_rule_test": [_alert(ovl, rules, "3m", False), _alert(ovl, rules, "8m", True)]},
+        {"name": "9 refusals in 5 minutes do not fire", "interval": "15s",
+         "input_series": [{"series": over, "values": "0+0.45x40"}],
+         "alert_rule_test": [_alert(ovl, rules, "9m", False)]},
+        {"name": "a dropped log record fires at once", "interval": "15s",
+         "input_series": [{"series": dropped, "values": "0x10 1x40"}],
+         "alert_rule_test": [_alert(drp, rules, "2m", False), _alert(drp, rules, "3m", True)]},
+        {"name": "no dropped log records", "interval": "15s",
+         "input_series": [{"series": dropped, "values": "0x40"}],
+         "alert_rule_test": [_alert(drp, rules, "5m", False)]},
+        {"name": "Loki scrapes failing for 2 minutes fire", "interval": "15s",
+         "input_series": [{"series": 'up{job="loki",instance="loki:3100"}', "values": "1x4 0x40"}],
+         "alert_rule_test": [_alert(loki, rules, "2m", False), _alert(loki, rules, "4m", True)]},
+        {"name": "Loki up, or no Loki job at all (make run)", "interval": "15s",
+         "input_series": [{"series": 'up{job="loki",instance="loki:3100"}', "values": "1x40"},
+                          {"series": 'up{job="omni",instance="127.0.0.1:8882"}', "values": "1x40"}],
+         "alert_rule_test": [_alert(loki, rules, "5m", False), _alert(scrape, rules, "8m", False)]},
+        {"name": "a target failing its scrapes for 5 minutes fires", "interval": "15s",
+         "input_series": [{"series": 'up{job="grafana",instance="grafana:3000"}', "values": "1x4 0x40"},
+                          {"series": 'up{job="omni",instance="omni:8882"}', "values": "1x44"}],
+         "alert_rule_test": [_alert(scrape, rules, "4m", False), _alert(scrape, rules, "8m", True)]},
+        {"name": "Loki failing is its own alert, not a scrape-failing one", "interval": "15s",
+         "input_series": [{"series": 'up{job="loki",instance="loki:3100"}', "values": "0x40"}],
+         "alert_rule_test": [_alert(scrape, rules, "8m", False), _alert(loki, rules, "8m", True)]},
+        {"name": "workers of one replica at 90 % of the limit fire", "interval": "15s",
+         "input_series": [{"series": mem % ("1", "omni:8882"), "values": f"{240 * mib}x40"},
+                          {"series": mem % ("2", "omni:8882"), "values": f"{220 * mib}x40"}],
+         "alert_rule_test": [_alert(memory, rules, "3m", False), _alert(memory, rules, "7m", True)]},
+        {"name": "two replicas at 78 % each do not fire (the limit is per container)", "interval": "15s",
+         "input_series": [{"series": mem % ("1", "a:8882"), "values": f"{200 * mib}x40"},
+                          {"series": mem % ("2", "a:8882"), "values": f"{200 * mib}x40"},
+                          {"series": mem % ("1", "b:8882"), "values": f"{200 * mib}x40"},
+                          {"series": mem % ("2", "b:8882"), "values": f"{200 * mib}x40"}],
+         "alert_rule_test": [_alert(memory, rules, "9m", False)]},
+    ]
+
+
+def test_failure_mode_alerts_with_promtool(tmp_path):
+    rules = {uid: _as_prometheus(rule) for uid, rule in _rules_of(FAILURE_ALERTS).items()}
+    assert set(rules) == {"omni-database-unreachable", "omni-webhooks-overloaded",
+                          "omni-log-records-dropped", "omni-loki-down", "omni-scrape-failing",
+                          "omni-worker-memory-high"}
+    _promtool_alert_tests(tmp_path, rules, _failure_cases(rules), "15s", ["omni-limits.rules.yml"])
+
+
+def test_failure_mode_alerts_use_existing_metrics():
+    source = (ROOT / "app" / "telemetry" / "metrics.py").read_text()
+    exposed = set(re.findall(r'"(omni_[a-z_]+)"', source))
+    for uid, rule in _rules_of(FAILURE_ALERTS).items():
+        expr = [d for d in rule["data"] if d["datasourceUid"] == gq.PROMETHEUS_UID][0]["model"]["expr"]
+        for name in set(re.findall(r"\bomni_[a-z_]+", expr)):
+            base = re.sub(r"_total$", "", name)
+            assert name in exposed or base in exposed or f"{base}_total" in exposed, f"{uid}: {name} is not a metric"
+
+
+def test_memory_limit_rule_matches_compose():
+    model = compose_model("main")
+    limit = int(model["services"]["omni"]["deploy"]["resources"]["limits"]["memory"])
+    doc = yaml.safe_load((ROOT / "prometheus" / "rules" / "omni-limits.rules.yml").read_text())
+    rule = [r for g in doc["groups"] for r in g["rules"] if r["record"] == "omni:container_memory_limit_bytes"][0]
+    assert rule["expr"] == f"vector({limit})", "omni's memory limit and the recording rule differ"
+
+
+def _grafana_root_url() -> str:
+    model = compose_model("main")
+    return model["services"]["grafana"]["environment"]["GF_SERVER_ROOT_URL"]
+
+
+def test_every_alert_links_its_runbook():
+    root = _grafana_root_url().rstrip("/") + "/"
+    panels = {p["id"]: p for p in json.loads(RUNBOOKS_DASHBOARD.read_text())["panels"]}
+    rules = dict((r["uid"], r) for _, r in gq.alert_rules())
+    assert len(rules) >= 18
+    for uid, rule in rules.items():
+        url = (rule.get("annotations") or {}).get("runbook_url", "")
+        m = re.fullmatch(re.escape(root) + r"d/omni-runbooks/omni-runbooks\?viewPanel=panel-(\d+)", url)
+        assert m, f"{uid}: runbook_url {url!r} is not an absolute link to a runbook panel"
+        panel = panels.get(int(m.group(1)))
+        assert panel, f"{uid}: runbook panel {m.group(1)} does not exist"
+        assert f"`{uid}`" in panel["options"]["content"], f"{uid}: its runbook section does not name it"
+        content = panel["options"]["content"]
+        for part in ("**Means.**", "**Confirm.**", "**Do.**"):
+            assert part in content, f"runbook {panel['title']!r} lacks {part}"
+
+
+def test_runbooks_dashboard_is_built_from_the_docs():
+    res = run([sys.executable, "scripts/runbooks-dashboard.py", "--check"])
+    assert res.returncode == 0, res.stderr
+
+
+def test_runbooks_dashboard_check_notices_a_stale_file(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("runbooks_dashboard", ROOT / "scripts" / "runbooks-dashboard.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (ROOT / "docs" / "runbooks.md").read_text()
+    assert mod.render(text) == RUNBOOKS_DASHBOARD.read_text()
+    assert mod.render(text + "\n## Extra\n\nmore\n") != RUNBOOKS_DASHBOARD.read_text()
+    titles = [t for t, _ in mod.sections(text)]
+    assert titles[0] == "Availability SLO burning" and len(titles) == len(set(titles))
+
+
+def test_alerts_route_on_severity():
+    files = gq.alert_files()
+    policy = [p for doc in files.values() for p in doc.get("policies") or []][0]
+    routes = policy.get("routes") or []
+    for uid, rule in ((r["uid"], r) for _, r in gq.alert_rules()):
+        severity = rule["labels"]["severity"]
+        matched = [r for r in routes
+                   if any(label == "severity" and op == "=~" and re.fullmatch(value, severity)
+                          for label, op, value in r["object_matchers"])]
+        assert len(matched) == 1, f"{uid}: severity {severity!r} matches {len(matched)} routes"
+    page = [r for r in routes if re.fullmatch(r["object_matchers"][0][2], "page")][0]
+    ticket = [r for r in routes if re.fullmatch(r["object_matchers"][0][2], "ticket")][0]
+    assert page["repeat_interval"] != ticket["repeat_interval"]
+
+
+def test_slo_dashboard():
+    dash = gq.dashboards()["omni-slo.json"]
+    assert dash["uid"] == "omni-slo"
+    panels = [p for p in gq.iter_panels(dash["panels"]) if p["type"] != "row"]
+    assert panels
+    for panel in panels:
+        assert panel["fieldConfig"]["defaults"].get("unit"), f"{panel['title']}: no unit"
+        for t in panel["targets"]:
+            # Ad-hoc rates follow the panel's resolution; fixed windows only come recorded.
+            if re.search(r"\brate\(", t["expr"]):
+                assert "[$__rate_interval]" in t["expr"] and not re.search(r"\[\d+[smhd]\]", t["expr"]), panel["title"]
+    titles = {p["title"] for p in panels}
+    for slo in ("Availability", "Latency"):
+        assert {f"{slo} error budget remaining", f"{slo} burn rate by window"} <= titles
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for rec in ("omni:slo_availability:budget_remaining", "omni:slo_latency:budget_remaining",
+                "omni:slo_target:availability", "omni:slo_availability:burn_rate1h"):
+        assert rec in exprs
+
+
+def test_every_dashboard_query_names_existing_recording_rules():
+    """A recorded series a dashboard or alert reads must be defined in prometheus/rules."""
+    defined = {r["record"] for f in (ROOT / "prometheus" / "rules").glob("*.yml")
+               for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "record" in r}
+    for q in gq.promql_queries():
+        for name in re.findall(r"\b[a-z_]+:[a-z0-9_:]+\b", q.text):
+            assert name in defined, f"{q.source}/{q.panel}: {name} is not a recording rule"
+
+
+# ------------------------------------------------------------------ compose secrets and hardening
+SECRET_FILES = {
+    # service: {environment variable: secret name}
+    "omni": {"AUTOMAGIK_OMNI_API_KEY_FILE": "api_key", "AUTOMAGIK_OMNI_METRICS_TOKEN_FILE": "metrics_token",
+             "AUTOMAGIK_OMNI_DATABASE_URL_FILE": "database_url"},
+    "postgres": {"POSTGRES_PASSWORD_FILE": "postgres_password",
+                 "GRAFANA_DB_PASSWORD_FILE": "grafana_db_password"},
+    "grafana": {"GF_SECURITY_ADMIN_PASSWORD__FILE": "grafana_admin_password"},
+    "loadgen": {"AUTOMAGIK_OMNI_API_KEY_FILE": "api_key"},
+}
+
+
+@pytest.mark.parametrize("which", sorted(COMPOSE_FILES))
+def test_no_secret_in_any_container_environment_or_command(which):
+    """.env.example's secrets are all `change-me`: none may appear in what docker inspect shows."""
+    model = compose_model(which)
+    for name, svc in model["services"].items():
+        shown = json.dumps({k: svc.get(k) for k in ("environment", "command", "entrypoint", "labels",
+                                                   "healthcheck")})
+        assert "change-me" not in shown, f"{name}: a secret is visible in its configuration"
+    sources = {n: s.get("environment") for n, s in model["secrets"].items()}
+    assert sources == {"api_key": "AUTOMAGIK_OMNI_API_KEY", "metrics_token": "AUTOMAGIK_OMNI_METRICS_TOKEN",
+                       "database_url": "AUTOMAGIK_OMNI_DATABASE_URL", "postgres_password": "POSTGRES_PASSWORD",
+                       "grafana_admin_password": "GRAFANA_ADMIN_PASSWORD",
+                       "grafana_db_password": "GRAFANA_DB_PASSWORD"}
+
+
+@pytest.mark.parametrize("which", sorted(COMPOSE_FILES))
+def test_secrets_reach_containers_as_files(which):
+    services = compose_model(which)["services"]
+    for name, wanted in SECRET_FILES.items():
+        env = services[name].get("environment") or {}
+        mounted = {s["source"]: s.get("target", f"/run/secrets/{s['source']}") for s in services[name].get("secrets", [])}
+        for var, secret in wanted.items():
+            assert secret in mounted, f"{name}: secret {secret} not mounted"
+            target = mounted[secret] if mounted[secret].startswith("/") else f"/run/secrets/{mounted[secret]}"
+            assert env.get(var) == target, f"{name}: {var} should name {target}"
+            assert var.removesuffix("_FILE").removesuffix("_") not in env, f"{name}: both {var} and its value"
+
+
+def test_database_url_secret_is_built_from_the_password():
+    # compose expands ${POSTGRES_PASSWORD} inside .env: the URL follows the password.
+    values = _env_example()
+    assert values["AUTOMAGIK_OMNI_DATABASE_URL"] == "postgresql://omni:${POSTGRES_PASSWORD}@postgres:5432/omni"
+    res = compose(COMPOSE_FILES["main"], "config", "--format", "json")
+    assert json.loads(res.stdout)["x-database-url-check"] == "postgresql://omni:change-me@postgres:5432/omni"
+
+
+def test_compose_stops_on_an_old_env_without_the_database_url(tmp_path):
+    old = tmp_path / ".env"
+    old.write_text("\n".join(l for l in ENV_EXAMPLE.read_text().splitlines()
+                             if not l.startswith("AUTOMAGIK_OMNI_DATABASE_URL=")) + "\n")
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME")}
+    res = run([compose_bin(), "--env-file", str(old), "-f", "docker-compose.yml", "config", "-q"], env=env)
+    # compose names the fix (it carries on: errors in x- fields are not fatal to it) ...
+    assert "add AUTOMAGIK_OMNI_DATABASE_URL to .env" in res.stderr
+    # ... and gen-env (make up) completes the old file.
+    res = run(["sh", str(ROOT / "scripts" / "gen-env.sh"), str(old), str(ENV_EXAMPLE)])
+    assert res.returncode == 0 and "added to" in res.stdout and "AUTOMAGIK_OMNI_DATABASE_URL" in res.stdout
+    assert old.read_text().count("AUTOMAGIK_OMNI_DATABASE_URL=") == 1
+    res = run([compose_bin(), "--env-file", str(old), "-f", "docker-compose.yml", "config", "-q"], env=env)
+    assert res.returncode == 0 and "AUTOMAGIK_OMNI_DATABASE_URL" not in res.stderr
+    res = run(["sh", str(ROOT / "scripts" / "gen-env.sh"), str(old), str(ENV_EXAMPLE)])
+    assert "left unchanged" in res.stdout
+
+
+@pytest.mark.parametrize("which", sorted(COMPOSE_FILES))
+def test_containers_are_locked_down(which):
+    for name, svc in compose_model(which)["services"].items():
+        assert "no-new-privileges:true" in (svc.get("security_opt") or []), f"{name}: no no-new-privileges"
+        assert svc.get("read_only") is True, f"{name}: root filesystem is writable"
+        for mount in svc.get("tmpfs") or []:
+            assert ":size=" in mount, f"{name}: tmpfs {mount} has no size limit"
+
+
+def test_grafana_reader_init_reads_the_password_file(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("x")
+    env = {"PATH": os.environ["PATH"], "GRAFANA_DB_PASSWORD_FILE": str(pw), "GRAFANA_DB_PASSWORD": "y"}
+    res = run(["sh", "postgres/init/01-grafana-reader.sh"], env=env)
+    assert res.returncode != 0 and "both set" in res.stderr
+    # An empty file is no password either.
+    pw.write_text("")
+    env.pop("GRAFANA_DB_PASSWORD")
+    res = run(["sh", "postgres/init/01-grafana-reader.sh"], env=env)
+    assert res.returncode != 0 and "GRAFANA_DB_PASSWORD is not set" in res.stderr
+
+
+def test_gen_env_completes_an_old_file_with_fresh_secrets(tmp_path):
+    old = tmp_path / ".env"
+    old.write_text("AUTOMAGIK_OMNI_API_KEY=kept-as-it-was\n")
+    res = run(["sh", str(ROOT / "scripts" / "gen-env.sh"), str(old), str(ENV_EXAMPLE)])
+    assert res.returncode == 0, res.stderr
+    values = dict(l.split("=", 1) for l in old.read_text().splitlines() if "=" in l and not l.startswith("#"))
+    assert values["AUTOMAGIK_OMNI_API_KEY"] == "kept-as-it-was"
+    assert set(values) == set(_env_example())
+    assert "change-me" not in old.read_text() and len(values["GRAFANA_DB_PASSWORD"]) >= 24

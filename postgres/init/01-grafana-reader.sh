@@ -5,9 +5,21 @@
 # POSTGRES_USER on POSTGRES_DB. Also usable by hand or from tests against any server:
 #   GRAFANA_DB_PASSWORD=... OMNI_INIT_DATABASE_URL=postgresql://user:pw@host:port/omni \
 #     sh postgres/init/01-grafana-reader.sh
+# (or GRAFANA_DB_PASSWORD_FILE=<path of a file holding it>).
 # The column grants are sql/003_grafana_reader_grants.sql (one source of truth): run here
 # too, so they apply whether the tables exist now or are created later by migrations.
 set -eu
+
+# In compose the password arrives as a secret file (GRAFANA_DB_PASSWORD_FILE), like the
+# image's own POSTGRES_PASSWORD_FILE; psql below reads it from this script's environment.
+if [ -n "${GRAFANA_DB_PASSWORD_FILE:-}" ]; then
+    if [ -n "${GRAFANA_DB_PASSWORD:-}" ]; then
+        echo "01-grafana-reader: GRAFANA_DB_PASSWORD and GRAFANA_DB_PASSWORD_FILE are both set" >&2
+        exit 1
+    fi
+    GRAFANA_DB_PASSWORD=$(cat -- "$GRAFANA_DB_PASSWORD_FILE")
+    export GRAFANA_DB_PASSWORD
+fi
 
 if [ -z "${GRAFANA_DB_PASSWORD:-}" ]; then
     echo "01-grafana-reader: GRAFANA_DB_PASSWORD is not set; refusing to create grafana_reader without a password" >&2
