@@ -722,7 +722,20 @@ def _failure_cases(rules: dict) -> list[dict]:
     dbu, ovl, drp, loki, scrape, memory = ("omni-database-unreachable", "omni-webhooks-overloaded",
                                             "omni-log-records-dropped", "omni-loki-down",
                                             "omni-scrape-failing", "omni-worker-memory-high")
+    rec = "omni-receipts-missing"
+    done = 'omni_messages_total{instance="bot",status="completed"}'
+    acks = 'omni_reply_receipt_seconds_count{instance="bot",status="delivered"}'
     return [
+        {"name": "replies sent and no receipt for 30 minutes fire", "interval": "1m",
+         "input_series": [{"series": done, "values": "0+2x80"}, {"series": acks, "values": "0x80"}],
+         "alert_rule_test": [_alert(rec, rules, "5m", False), _alert(rec, rules, "40m", True)]},
+        {"name": "receipts coming back, or no traffic at all, do not fire", "interval": "1m",
+         "input_series": [{"series": done, "values": "0+2x80"}, {"series": acks, "values": "0+2x80"},
+                          {"series": 'omni_messages_total{instance="quiet",status="completed"}', "values": "0x80"}],
+         "alert_rule_test": [_alert(rec, rules, "60m", False)]},
+        {"name": "a quiet hour does not fire", "interval": "1m",
+         "input_series": [{"series": done, "values": "0x80"}, {"series": acks, "values": "0x80"}],
+         "alert_rule_test": [_alert(rec, rules, "60m", False)]},
         {"name": "database errors for a few minutes fire, and keep firing a while after", "interval": "15s",
          # One error every 15 s from 2.5 m to 6 m, none after.
          "input_series": [{"series": db, "values": "0x10 1+1x13 14x60"}],
@@ -774,7 +787,7 @@ def test_failure_mode_alerts_with_promtool(tmp_path):
     rules = {uid: _as_prometheus(rule) for uid, rule in _rules_of(FAILURE_ALERTS).items()}
     assert set(rules) == {"omni-database-unreachable", "omni-webhooks-overloaded",
                           "omni-log-records-dropped", "omni-loki-down", "omni-scrape-failing",
-                          "omni-worker-memory-high"}
+                          "omni-worker-memory-high", "omni-receipts-missing"}
     _promtool_alert_tests(tmp_path, rules, _failure_cases(rules), "15s", ["omni-limits.rules.yml"])
 
 
@@ -784,7 +797,7 @@ def test_failure_mode_alerts_use_existing_metrics():
     for uid, rule in _rules_of(FAILURE_ALERTS).items():
         expr = [d for d in rule["data"] if d["datasourceUid"] == gq.PROMETHEUS_UID][0]["model"]["expr"]
         for name in set(re.findall(r"\bomni_[a-z_]+", expr)):
-            base = re.sub(r"_total$", "", name)
+            base = re.sub(r"_(total|count|sum|bucket)$", "", name)
             assert name in exposed or base in exposed or f"{base}_total" in exposed, f"{uid}: {name} is not a metric"
 
 
