@@ -278,16 +278,19 @@ def test_compose_prometheus_scrapes_with_the_metrics_token(make_service, tmp_pat
 
 
 def test_compose_wires_the_metrics_token():
-    """omni gets AUTOMAGIK_OMNI_METRICS_TOKEN from .env and Prometheus gets the same value as the
-    metrics_token secret, which every compose scrape config of omni reads."""
+    """omni and Prometheus both read AUTOMAGIK_OMNI_METRICS_TOKEN of .env as the metrics_token
+    secret file, which every compose scrape config of omni reads."""
     from tests.test_stack_config import COMPOSE_FILES, compose_model
 
     for which in COMPOSE_FILES:
         model = compose_model(which)
-        assert model["services"]["omni"]["environment"]["AUTOMAGIK_OMNI_METRICS_TOKEN"] == "change-me"
+        omni = model["services"]["omni"]
+        assert omni["environment"]["AUTOMAGIK_OMNI_METRICS_TOKEN_FILE"] == "/run/secrets/metrics_token"
+        assert "AUTOMAGIK_OMNI_METRICS_TOKEN" not in omni["environment"]
         assert model["secrets"]["metrics_token"]["environment"] == "AUTOMAGIK_OMNI_METRICS_TOKEN"
-        mounts = {m["source"]: m["target"] for m in model["services"]["prometheus"]["secrets"]}
-        assert mounts == {"metrics_token": "/run/secrets/metrics_token"}
+        for service in ("omni", "prometheus"):
+            mounts = {m["source"]: m["target"] for m in model["services"][service]["secrets"]}
+            assert mounts["metrics_token"] == "/run/secrets/metrics_token", service
     for name in ("prometheus.yml", "prometheus.scale.yml"):
         cfg = yaml.safe_load((ROOT / "prometheus" / name).read_text())
         omni = next(j for j in cfg["scrape_configs"] if j["job_name"] == "omni")
@@ -375,9 +378,10 @@ def test_compose_publishes_only_on_loopback_and_never_postgres(name):
 
 
 def test_no_default_passwords():
-    """Every secret in the compose files is ${VAR:?...} (compose refuses to start without it),
-    never ${VAR:-default} or a literal; .env.example carries only `change-me` placeholders
-    that scripts/gen-env.sh replaces; provisioning reads secrets from the environment."""
+    """Every secret in the compose files is ${VAR:?...} (compose names it when missing), never
+    ${VAR:-default} or a literal; a *_FILE variable names a mounted secret file; .env.example
+    carries only `change-me` placeholders that scripts/gen-env.sh replaces (or values built
+    from them); provisioning reads secrets from the environment or a secret file."""
     for name in ("docker-compose.yml", "docker-compose.scale.yml"):
         text = (ROOT / name).read_text()
         for var, op in re.findall(r"\$\{([A-Z0-9_]+)(:?[-?]?)", text):
@@ -388,12 +392,18 @@ def test_no_default_passwords():
             items = env.items() if isinstance(env, dict) else (e.split("=", 1) for e in env)
             for key, value in items:
                 if SECRET_NAME.search(key) and key != "GF_SECURITY_ADMIN_USER":
+                    if key.endswith("_FILE"):
+                        assert str(value).startswith("/run/secrets/"), f"{name}: {svc_name}.{key}"
+                        continue
                     assert "${" in str(value), f"{name}: {svc_name}.{key} is a literal secret"
     for line in (ROOT / ".env.example").read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, value = line.split("=", 1)
             if SECRET_NAME.search(key):
                 assert value == "change-me", f".env.example: {key} must be the change-me placeholder"
+            if "://" in value and "@" in value:
+                # A URL with credentials takes them from a placeholder variable.
+                assert re.search(r"://[^:/@]+:\$\{[A-Z_]*PASSWORD\}@", value), f".env.example: {key}"
     for path in (ROOT / "grafana" / "provisioning").rglob("*.yml"):
         for m in re.finditer(r"(?im)^\s*(password|secret|token)\s*:\s*(\S+)", path.read_text()):
             assert m.group(2).startswith("$"), f"{path}: literal {m.group(1)}"
