@@ -81,7 +81,7 @@ _EVO_STATUS_RE = re.compile(r"#evo_status=(\d{3})\b")
 _EVO_FAIL_FIRST_RE = re.compile(r"#evo_fail_first=(\d{1,3})\b")
 _FLAG_RES = {name: re.compile(rf"#{name}\b") for name in ("garbage", "hang", "endless")}
 # What Evolution's sendText accepts as `number`: digits, a phone JID or a LID JID.
-_NUMBER_RE = re.compile(r"(\d{1,32})(@s\.whatsapp\.net|@lid)?")
+_NUMBER_RE = re.compile(r"([0-9]{1,32})(@s\.whatsapp\.net|@lid)?")
 _CUID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 # Evolution fills server_url from its own SERVER_URL; the compose demo's name for the peer.
 SERVER_URL = "http://sandbox:8890"
