@@ -323,7 +323,8 @@ class Shape:
     build: Callable[..., dict[str, Any]]
     # The gateway can map this LID to a phone only after it saw both together.
     needs_known_lid: bool = False
-    # Carries the persona's phone beside its LID (teaches the gateway the mapping).
+    # Carries the persona's phone beside its LID in a message the gateway accepts: only
+    # those teach it the mapping (ignored messages are not read that far).
     shows_phone: bool = False
 
 
@@ -335,10 +336,10 @@ SHAPES: tuple[Shape, ...] = (
     Shape("phone_jid", 10, build_phone_jid),
     Shape("image_caption", 5, build_image_caption, shows_phone=True),
     Shape("extended_text", 5, build_extended_text, shows_phone=True),
-    Shape("voice_note", 3, build_voice_note, shows_phone=True),
-    Shape("reaction", 3, build_reaction, shows_phone=True),
+    Shape("voice_note", 3, build_voice_note),
+    Shape("reaction", 3, build_reaction),
     Shape("group", 2, build_group),
-    Shape("edit", 2, build_edit, shows_phone=True),
+    Shape("edit", 2, build_edit),
 )
 SHAPES_BY_NAME = {shape.name: shape for shape in SHAPES}
 

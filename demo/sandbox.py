@@ -91,7 +91,7 @@ USAGE_FORMS = {"request": ("request_tokens", "response_tokens"),
                "input": ("input_tokens", "output_tokens")}
 _FLAG_RES = {name: re.compile(rf"#{name}\b") for name in ("garbage", "hang", "endless")}
 # What Evolution's sendText accepts as `number`: digits, a phone JID or a LID JID.
-_NUMBER_RE = re.compile(r"(\d{1,32})(@s\.whatsapp\.net|@lid)?")
+_NUMBER_RE = re.compile(r"([0-9]{1,32})(@s\.whatsapp\.net|@lid)?")
 _CUID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 # Evolution fills server_url from its own SERVER_URL; the compose demo's name for the peer.
 SERVER_URL = "http://sandbox:8890"

@@ -178,10 +178,13 @@ def test_realistic_mix_lid_only_only_for_lids_seen_with_phone():
     seen_with_phone: set[str] = set()
     lid_only = 0
     for _ in range(3000):
-        key = sender.next_envelope()["data"]["key"]
-        remote = key["remoteJid"]
+        data = sender.next_envelope()["data"]
+        key, remote = data["key"], data["key"]["remoteJid"]
+        # Only a message the gateway accepts teaches it the LID's phone.
+        accepted = data["messageType"] not in IGNORED_TYPES
         if remote.endswith("@lid") and ("remoteJidAlt" in key or "senderPn" in key):
-            seen_with_phone.add(remote)
+            if accepted:
+                seen_with_phone.add(remote)
         elif remote.endswith("@lid"):
             lid_only += 1
             assert remote in seen_with_phone, "a LID alone before it was seen with its phone"

@@ -305,7 +305,7 @@ def test_send_text_answers_like_evolution(sandbox_url, number, remote_jid):
     assert sent["remote_jid"] == remote_jid
 
 
-@pytest.mark.parametrize("number", ["", "abc", "+5511999990000", "5511@g.us", "@lid", "55 11",
+@pytest.mark.parametrize("number", ["", "abc", "+5511999990000", "٥٥١١", "5511@g.us", "@lid", "55 11",
                                     "5511@s.whatsapp.net.evil", None, True, 5.5, ["551"]])
 def test_send_text_refuses_junk_numbers(sandbox_url, number):
     resp = requests.post(f"{sandbox_url}/message/sendText/demo",
