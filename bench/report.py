@@ -143,8 +143,7 @@ def markdown(r: dict) -> str:
                            ("per_final_with_reply", "final state with reply id and its message_reply row"),
                            ("per_receipt", "one receipt (two per reply: delivered, read)")):
             lines.append(f"| {label} | {_fmt(rc.get('pg_us_' + key))} |")
-        lines.append(f"
-Worker CPU to parse a receipt webhook and queue it: {rc['worker_us_per_receipt_parse']} µs.")
+        lines.append(f"\nWorker CPU to parse a receipt webhook and queue it: {rc['worker_us_per_receipt_parse']} µs.")
     mem = _get(r, "latency", "memory", "workers")
     if mem:
         lines += ["", "## Worker memory (RSS MB)", "", "| worker | first | last | max | slope MB/min |",
