@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from demo import loadgen
+from tests.support import LocalHTTPServer
 
 ROOT = Path(__file__).resolve().parents[1]
 ID_RE = re.compile(r"3EB0[0-9A-F]{16}")
@@ -217,7 +218,7 @@ def test_by_events_url():
 IGNORED_TYPES = {"audioMessage", "reactionMessage", "protocolMessage"}
 
 
-class Gateway(ThreadingHTTPServer):
+class Gateway(LocalHTTPServer):
     """Answers like omni: 202 for text, 200 ignored for the rest; records the webhooks."""
 
     daemon_threads = True
@@ -226,14 +227,6 @@ class Gateway(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), GatewayHandler)
         self.lock = threading.Lock()
         self.hooks: list[tuple[str, dict]] = []
-
-    def __enter__(self) -> "Gateway":
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class GatewayHandler(BaseHTTPRequestHandler):

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import aiohttp
@@ -30,6 +30,7 @@ import requests
 from aiohttp import web
 
 from demo import loadgen, sandbox
+from tests.support import LocalHTTPServer
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-gateway-key"
@@ -315,7 +316,7 @@ def test_send_text_refuses_junk_numbers(sandbox_url, number):
     assert sent["status"] == 400 and sent["message_id"] is None
 
 
-class ReceiptSink(ThreadingHTTPServer):
+class ReceiptSink(LocalHTTPServer):
     """A stand-in for the gateway's webhook that records receipts and answers `status`."""
 
     daemon_threads = True
@@ -339,14 +340,6 @@ class ReceiptSink(ThreadingHTTPServer):
                     return list(self.got)
             assert time.monotonic() < deadline, f"only {len(self.got)} of {count} receipts"
             time.sleep(0.02)
-
-    def __enter__(self) -> "ReceiptSink":
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class ReceiptHandler(BaseHTTPRequestHandler):
@@ -595,7 +588,7 @@ def test_pick_text_shares():
     assert all(10500 <= int(m) <= 13000 for t in texts for m in re.findall(r"#delay=(\d+)", t))
 
 
-class StubGateway(ThreadingHTTPServer):
+class StubGateway(LocalHTTPServer):
     """A tiny stand-in for the gateway that records what it received."""
 
     daemon_threads = True
@@ -614,14 +607,6 @@ class StubGateway(ThreadingHTTPServer):
     def matching(self, method: str, path: str) -> list[dict]:
         with self.lock:
             return [r for r in self.requests if r["method"] == method and r["path"] == path]
-
-    def __enter__(self) -> "StubGateway":
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class StubHandler(BaseHTTPRequestHandler):
