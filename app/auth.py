@@ -1,4 +1,4 @@
-"""API key and token checks, failed-attempt limits and the security log (SPEC 4, issue 6)."""
+"""API key and token checks, failed-attempt limits and the security log (SPEC 4)."""
 from __future__ import annotations
 
 import hashlib

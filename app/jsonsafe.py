@@ -1,4 +1,4 @@
-"""Strict JSON request parsing: UTF-8 only, no lone surrogates, bounded nesting (issue 6).
+"""Strict JSON request parsing: UTF-8 only, no lone surrogates, bounded nesting.
 
 json.loads alone accepts UTF-16/32 bodies, `\\ud800` escapes that no database or encoder can
 store (one such webhook used to kill a worker's trace writer), and nesting deep enough to

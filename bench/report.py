@@ -1,4 +1,4 @@
-"""The result table: every figure of issue 5 with its target, as JSON rows and Markdown."""
+"""The result table: every benchmark figure with its target, as JSON rows and Markdown."""
 from __future__ import annotations
 
 

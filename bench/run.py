@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--out DIR]`: the omni benchmark suite (issue 5).
+"""`python -m bench [--quick] [--out DIR]`: the omni benchmark suite.
 
 Starts its own PostgreSQL (fsync on), sandboxes, gunicorn services, a Loki receiver and the
 load generators; measures the figures of the issue; writes <out>/<timestamp>.json and .md
