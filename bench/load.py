@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from demo.loadgen import build_webhook
-from tests.support import PYTHON, ROOT
+from demo.processes import PYTHON, ROOT
 
 LUA = Path(__file__).resolve().parent / "webhook.lua"
 

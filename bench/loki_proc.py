@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from tests.loki_receiver import LokiReceiver
+from demo.loki_receiver import LokiReceiver
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.support import PYTHON
+from demo.processes import PYTHON
 
 # First match walking from the leaf frame towards the root decides a sample's category;
 # generic modules (json, re, uuid, threading, ...) are skipped so their time goes to

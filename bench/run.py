@@ -24,7 +24,7 @@ import requests
 
 from bench import load, machine, profile, receipts, stack, traces
 from bench.report import markdown, targets
-from tests.support import parse_metrics, metric
+from demo.processes import parse_metrics, metric
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.support import (PYTHON, ROOT, PgCluster, Sandbox, Service, free_port, migrate,
+from demo.processes import (PYTHON, ROOT, PgCluster, Sandbox, Service, free_port, migrate,
                            stop_process, wait_http)
 
 TELEMETRY_OFF = {"AUTOMAGIK_OMNI_ENABLE_TRACING": "false", "AUTOMAGIK_OMNI_ENABLE_METRICS": "false",

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import requests
 
-from tests.loki_receiver import LokiReceiver
+from demo.loki_receiver import LokiReceiver
 from tests.support import (PYTHON, ROOT, Service, free_port, metric, migrate,
                            parse_metrics, rows, wait_http, webhook)
 

@@ -8,7 +8,7 @@ import uuid
 
 import requests
 
-from tests.loki_receiver import LokiReceiver
+from demo.loki_receiver import LokiReceiver
 from tests.support import metric, parse_metrics
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")

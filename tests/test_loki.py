@@ -16,7 +16,7 @@ from app.telemetry.logs import OmniJsonFormatter
 from app.telemetry.loki import LokiHandler
 
 try:
-    from tests.loki_receiver import LokiReceiver
+    from demo.loki_receiver import LokiReceiver
 except ImportError:  # tests/ run as a rootdir-less directory
     from loki_receiver import LokiReceiver
 
