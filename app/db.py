@@ -178,19 +178,6 @@ def connect_once(url: str, *, connect_timeout: int = 3) -> psycopg2.extensions.c
     return conn
 
 
-def run_admin(url: str, sql: str, params: Any = None) -> int:
-    """Run one statement on a fresh connection; return rows touched."""
-    conn = connect_once(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.rowcount
-    except psycopg2.Error as exc:
-        raise _translate(exc) from None
-    finally:
-        conn.close()
-
-
 def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
     """The numbered migration files, in order."""
     files = sorted(p for p in sql_dir.glob("[0-9][0-9][0-9]_*.sql"))

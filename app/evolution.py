@@ -13,25 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# The fixed label set of omni_webhook_ignored_total (README: "What omni accepts from Evolution").
-IGNORE_REASONS = (
-    "event",            # an event other than messages.upsert / messages.update
-    "from_me",          # sent by the instance itself (our replies, the operator's phone)
-    "group",            # @g.us
-    "broadcast",        # status@broadcast, broadcast lists, channels (@newsletter)
-    "unsupported_jid",  # an address that is no WhatsApp user, group or broadcast
-    "list_data",        # `data` is a list (contacts.update, chats.upsert ...)
-    "no_message",       # `message` null or empty (stubs, undecryptable messages)
-    "no_text",          # media without a caption, locations, contacts, polls ...
-    "audio",            # voice notes and audio files
-    "sticker",
-    "reaction",
-    "edited",
-    "revoked",          # "delete for everyone"
-    "protocol",         # other protocol messages (disappearing-mode changes, key shares)
-    "receipt",          # a messages.update that is no delivery or read receipt of a sent message
-    "receipt_unknown",  # a receipt for a message this gateway did not send (counted later)
-)
+from app.vocabulary import IGNORE_REASONS  # noqa: F401 - the parser's answers
 
 MESSAGE_EVENT = "messages.upsert"
 UPDATE_EVENT = "messages.update"
@@ -158,8 +140,8 @@ def _read_update(data: Any) -> Receipt | Ignored:
     if not isinstance(data, dict):
         return Ignored("receipt", "messages.update without data")
     # 2.x flattens the key into data (keyId, fromMe, status); older builds kept key/update.
-    key = data.get("key") if isinstance(data.get("key"), dict) else data
-    update = data.get("update") if isinstance(data.get("update"), dict) else data
+    key: dict = data["key"] if isinstance(data.get("key"), dict) else data
+    update: dict = data["update"] if isinstance(data.get("update"), dict) else data
     msg_id = data.get("keyId") if isinstance(data.get("keyId"), str) else key.get("id")
     status = update.get("status")
     if isinstance(update.get("message"), dict) or status == "EDITED":

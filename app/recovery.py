@@ -37,15 +37,12 @@ def service_started(database_url: str) -> int:
     store = _store(database_url)
     host = socket.gethostname()
     try:
-        owners = store.db.fetchall(
-            "SELECT DISTINCT owner FROM message_trace WHERE status = 'processing' AND owner LIKE %(h)s",
-            {"h": host + ":%"})
         total = 0
-        for row in owners:
-            pid = row["owner"].rsplit(":", 1)[-1]
+        for owner in store.processing_owners(host):
+            pid = owner.rsplit(":", 1)[-1]
             if pid.isdigit() and psutil.pid_exists(int(pid)):
                 continue  # a live process (another service on this host) still owns it
-            total += store.abandon_owned(row["owner"],
+            total += store.abandon_owned(owner,
                                          "interrupted: service restarted before the message finished")
     except (DatabaseUnavailable, DatabaseError) as exc:
         log.error("startup recovery failed (the periodic sweep will catch up)",

@@ -16,12 +16,13 @@ from demo.processes import PYTHON
 CATEGORIES = (
     ("json logging + Loki push", ("/logging/", "app/telemetry/logs.py",
                                   "app/telemetry/loki.py", "gzip.py", "http/client.py")),
-    ("prometheus", ("prometheus_client", "app/telemetry/metrics.py", "mmap_dict")),
+    ("prometheus", ("prometheus_client", "app/telemetry/metrics.py", "app/telemetry/recorder.py",
+                    "mmap_dict")),
     ("psycopg2 / trace writer", ("psycopg2", "app/traces/", "app/db.py")),
     ("aiohttp upstream calls (pipeline loop)", ("aiohttp", "yarl", "multidict", "asyncio",
-                                                "app/upstream.py", "app/pipeline.py")),
-    ("flask / werkzeug + webhook handler", ("flask", "werkzeug", "app/webhooks.py", "app/__init__.py",
-                                            "app/instances", "app/auth.py", "app/errors.py")),
+                                                "app/upstream.py", "app/pipeline/")),
+    ("flask / werkzeug + webhook handler", ("flask", "werkzeug", "app/web/", "app/__init__.py",
+                                            "app/runtime.py", "app/instances")),
     ("gunicorn (HTTP parsing, sockets)", ("gunicorn", "selectors.py", "socket.py", "ssl.py")),
 )
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")

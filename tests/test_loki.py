@@ -228,17 +228,16 @@ def test_400_is_dropped_without_retry(rx, make_logger):
     assert handler.status().startswith("error: HTTP 400")
 
 
-def test_receiver_down_emit_fast_bounded_counted_then_resumes(rx, make_logger):
+def test_receiver_down_emit_never_waits_bounded_counted_then_resumes(rx, make_logger):
     logger, handler, counters = make_logger(queue_size=1000, batch_size=100, max_retries=3)
     rx.down()
     max_pending = 0
-    start = time.perf_counter()
     for i in range(10_000):
         logger.info("down %d", i)
         if i % 100 == 0:
             max_pending = max(max_pending, handler.pending)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"10k emits took {elapsed:.2f}s"
+    # emit() never waits for room: with the queue full it drops (and counts) the record,
+    # so the caller is not held up by a Loki that is down. (Speed is measured by the bench.)
     assert max_pending <= 1000 and handler.pending <= 1000
     assert counters.dropped >= 9000
     assert wait_until(lambda: "connection" in counters.errors)

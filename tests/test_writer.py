@@ -11,6 +11,7 @@ import pytest
 from app.db import Database, DatabaseUnavailable
 from app.traces.store import FinishedTrace, NewTrace, TraceStore
 from app.traces.writer import TraceWriter
+from app.telemetry.recorder import Recorder
 
 
 def _row(message_id: str | None = None) -> NewTrace:
@@ -23,7 +24,7 @@ def _row(message_id: str | None = None) -> NewTrace:
 @pytest.fixture()
 def writer(fresh_db):
     db = Database(fresh_db, size=2)
-    w = TraceWriter(db, TraceStore(db))
+    w = TraceWriter(db, TraceStore(db), Recorder())
     w.start()
     yield w
     w.stop()

@@ -6,10 +6,11 @@ import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from app.db import Database, UniqueViolation
+from app.vocabulary import iso
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -98,7 +99,7 @@ def _bool(field: str, value: Any) -> bool:
     return value
 
 
-_VALIDATORS = {
+_VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "agent_api_url": lambda v: _url("agent_api_url", v),
     "evolution_url": lambda v: _url("evolution_url", v),
     "agent_api_key": lambda v: _opt_str("agent_api_key", v),
@@ -180,7 +181,7 @@ def public(row: dict) -> dict:
         out[key] = mask(row[key])
         out["has_" + key] = bool(row[key])
     for key in ("created_at", "updated_at"):
-        out[key] = row[key].isoformat().replace("+00:00", "Z")
+        out[key] = iso(row[key], "auto")
     return out
 
 
@@ -203,6 +204,7 @@ class InstanceRepo:
             raise DuplicateInstance(fields["name"]) from None
         # A webhook for this name may have cached "no such instance" a moment ago.
         self.forget(fields["name"])
+        assert row is not None  # INSERT ... RETURNING returns the row
         return row
 
     def list(self) -> list[dict]:

@@ -1,12 +1,13 @@
 """Instances API (SPEC 4.4): create, list, read, update, delete; secrets always masked."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from app.auth import audit, guard
-from app.errors import ApiError
+from app.web.auth import audit, guard
+from app.web.errors import ApiError
 from app.instances import DuplicateInstance, InvalidInstance, public, validate
 from app.telemetry.logs import REDACTOR
+from app.runtime import runtime
 
 bp = Blueprint("instances", __name__, url_prefix="/api/v1/instances")
 
@@ -17,7 +18,7 @@ def _auth() -> None:
 
 
 def _repo():
-    return current_app.extensions["omni"].instances
+    return runtime().instances
 
 
 def _body() -> object:

@@ -13,6 +13,8 @@ import time
 import weakref
 from typing import Any
 
+from pythonjsonlogger.orjson import OrjsonFormatter
+
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:token|apikey|api_key|key)=)[^&\s\"]+")
 
 
@@ -68,34 +70,43 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-class OmniJsonFormatter(logging.Formatter):
+class OmniJsonFormatter(OrjsonFormatter):
     """One JSON object per record: timestamp, level, logger, message, event, then context.
 
-    Hand-written rather than python-json-logger: one dict and one json.dumps per record
-    (about 8 us instead of 14 us a line, bench/); every record attribute that is not one of
-    logging's own (the `extra` fields) is included.
+    python-json-logger's orjson formatter, with the line built once per record (stdout and
+    the Loki handler format the same record), secrets redacted and Z timestamps. Every
+    record attribute that is not one of logging's own (the `extra` fields) is included.
+    Measured on the service's step record: 11.3 us a line against 15.8 us for the
+    hand-written json.dumps formatter it replaced (docs/performance.md).
     """
 
+    def __init__(self) -> None:
+        super().__init__(reserved_attrs=sorted(_RESERVED), json_default=_json_default)
+
     def format(self, record: logging.LogRecord) -> str:
-        # stdout and the Loki handler format the same record with the same formatter:
-        # build the JSON line once per record.
-        attrs = record.__dict__
-        line = attrs.get("_omni_line")
-        if line is not None:
-            return line
-        data = {"timestamp": rfc3339(record.created), "level": record.levelname,
-                "logger": record.name, "message": record.getMessage(),
-                "event": attrs.get("event") or "log"}
-        for key, value in attrs.items():
-            if key not in _RESERVED:
-                data[key] = value
-        if record.exc_info:
-            data["exc_info"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            data["stack_info"] = self.formatStack(record.stack_info)
-        line = REDACTOR(json.dumps(data, default=_json_default))
-        record._omni_line = line  # type: ignore[attr-defined]
+        """The record's JSON line, redacted; cached on the record."""
+        line = record.__dict__.get("_omni_line")
+        if line is None:
+            line = REDACTOR(super().format(record))
+            record._omni_line = line
         return line
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord,
+                   message_dict: dict[str, Any]) -> None:
+        """The fixed fields first, then the record's extra fields."""
+        log_data["timestamp"] = rfc3339(record.created)
+        log_data["level"] = record.levelname
+        log_data["logger"] = record.name
+        log_data["message"] = record.message
+        log_data["event"] = record.__dict__.get("event") or "log"
+        super().add_fields(log_data, record, message_dict)
+
+    def jsonify_log_record(self, log_data: dict[str, Any]) -> str:
+        """orjson, or json where orjson refuses (integers over 64 bits, lone surrogates)."""
+        try:
+            return super().jsonify_log_record(log_data)
+        except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
+            return json.dumps(log_data, default=_json_default)
 
 
 _RESERVED = set(logging.LogRecord("x", 0, "", 0, "", None, None).__dict__) | {"message", "asctime",
@@ -235,7 +246,7 @@ def setup(level: str, loki_handler: logging.Handler | None = None, on_drop: Any 
     root.setLevel(level)
     # No line carries the caller's file, thread or process, so logging need not look them
     # up for every record (the Logging HOWTO's "Optimization"; ~25% of a log call).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -212,7 +212,7 @@ class LokiHandler(logging.Handler):
             self._report(f"cannot queue log record: {exc!r}")
             self._count_drop(1)
 
-    def flush(self, timeout: float = 5.0) -> bool:
+    def flush(self, timeout: float = 5.0) -> bool:  # type: ignore[override]
         """Push what is queued, waiting up to timeout seconds; True if nothing is left."""
         try:
             self._check_pid()

@@ -28,23 +28,10 @@ from prometheus_client import (  # noqa: E402
 )
 from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
 
-from app.evolution import IGNORE_REASONS  # noqa: E402
+from app.vocabulary import (  # noqa: E402
+    AUTH_REASONS, FINAL_STATUSES, IGNORE_REASONS, RECEIPT_STATUSES, REJECT_REASONS, STEP_OUTCOMES,
+    STEPS, TOKEN_TYPES, UPSTREAM_REASONS)
 
-STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
-STEP_STATUSES = ("success", "failed")
-MESSAGE_STATUSES = ("completed", "failed", "error")
-UPSTREAM_REASONS = {
-    "agent": ("timeout", "connection", "http_3xx", "http_4xx", "http_5xx", "bad_response"),
-    "evolution": ("timeout", "connection", "http_3xx", "http_4xx", "http_5xx"),
-    "database": ("unavailable", "write_failed"),
-    "loki": ("connection", "http_4xx", "http_5xx", "timeout", "dropped"),
-}
-REJECT_REASONS = (
-    "unknown_instance", "disabled_instance", "bad_secret", "malformed", "too_large",
-    "database_unavailable", "overloaded", "rate_limited",
-)
-AUTH_REASONS = ("missing_key", "wrong_key", "missing_webhook_secret", "wrong_webhook_secret",
-                "rate_limited", "metrics_token")
 
 # Messages take 3 to 7 s end to end; the slow-message alert counts le="10".
 MESSAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 30, 60, 120)
@@ -56,7 +43,6 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
 # Delivery takes a second or two; a read receipt comes when the person opens the chat.
 RECEIPT_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
-RECEIPT_STATUSES = ("delivered", "read")
 
 MESSAGES = Counter("omni_messages_total", "Messages that reached a final status.",
                    ["instance", "status"])
@@ -73,7 +59,6 @@ AGENT_TOKENS = Counter("omni_agent_tokens_total", "Tokens the agent reported usi
                        ["instance", "type"])
 AGENT_COST = Counter("omni_agent_cost_usd_total",
                      "Cost of the agent's tokens in USD, at the instance's prices.", ["instance"])
-TOKEN_TYPES = ("input", "output")
 HTTP_DURATION = Histogram("omni_http_request_duration_seconds",
                           "HTTP requests served, by route template.",
                           ["method", "route", "status"], buckets=HTTP_BUCKETS)
@@ -158,11 +143,11 @@ def seed_instance(instance: str) -> None:
     with _seed_lock:
         if instance in _seeded:
             return
-        for status in MESSAGE_STATUSES:
+        for status in FINAL_STATUSES:
             MESSAGES.labels(instance=instance, status=status)
             MESSAGE_DURATION.labels(instance=instance, status=status)
         for step in STEPS:
-            for status in STEP_STATUSES:
+            for status in STEP_OUTCOMES:
                 STEP_DURATION.labels(instance=instance, step=step, status=status)
         AGENT_FIRST_CHUNK.labels(instance=instance)
         WEBHOOK_LAG.labels(instance=instance)

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from dataclasses import dataclass
 
 from app.db import Database
+from app.vocabulary import FINAL_STATUSES, STEPS, iso, sql_list
 
-INTERVALS = ("hour", "day", "week", "month")
-STEP_ORDER = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
 
 # Periods with at most this many finished messages get exact percentiles from the rows.
 # Exact percentiles read every row of the period (heap fetches plus the steps jsonb): at
@@ -44,7 +44,7 @@ ALL = "*"   # instance_name of the all-instances rows in the histogram and user 
 
 _HOUR = dt.timedelta(hours=1)
 _DAY = dt.timedelta(days=1)
-_FINAL = "status IN ('completed', 'failed', 'error')"
+_FINAL = "status IN " + sql_list(FINAL_STATUSES)
 
 
 def _num(value) -> float | None:
@@ -76,10 +76,6 @@ _ROLLUP_USAGE = "input_tokens, output_tokens, usage_n, cost_usd, cost_n"
 
 def _rate(part: int, total: int) -> float:
     return round(100.0 * part / total, 2) if total else 0.0
-
-
-def _iso(ts: dt.datetime) -> str:
-    return ts.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _utc(ts: dt.datetime | None) -> dt.datetime | None:
@@ -131,8 +127,8 @@ def _split(start: dt.datetime | None, end: dt.datetime | None, unit: dt.timedelt
     hi = None if end is None else _floor(end, unit)
     if lo is not None and hi is not None and lo >= hi:
         return None, [(start, end, True)]
-    raw = []
-    if start is not None and start < lo:
+    raw: list[tuple] = []
+    if start is not None and lo is not None and start < lo:
         raw.append((start, lo, False))
     if end is not None:
         raw.append((hi, end, True))
@@ -164,7 +160,7 @@ def hist_percentiles(hist: list[tuple[int, int, float]], ps: list[float]) -> lis
         b, n, s = hist[-1]
         return _bucket_value(b, n, float(s), n - 1)
 
-    out = []
+    out: list[float | None] = []
     for p in ps:
         pos = p * (total - 1)
         r0, r1 = math.floor(pos), math.ceil(pos)
@@ -173,11 +169,21 @@ def hist_percentiles(hist: list[tuple[int, int, float]], ps: list[float]) -> lis
     return out
 
 
-def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
-            instance: str | None, interval: str, top: int, slow_ms: int,
-            exact_max: int | None = None) -> dict:
-    """Every figure of the analytics answer, from one read-only transaction."""
-    exact_max = EXACT_PERCENTILE_MAX if exact_max is None else exact_max
+@dataclass(frozen=True)
+class Period:
+    """[start, end] cut into what the rollups answer and the edges read from the rows."""
+
+    start: dt.datetime | None
+    end: dt.datetime | None
+    hours: tuple | None        # whole UTC hours inside, [lo, hi), from trace_rollup_hour
+    raw_h: list[tuple]         # the rest, from message_trace
+    days: tuple | None         # whole UTC days inside the hours, from the daily rollups
+    hist_hours: list[tuple]    # hours inside `hours` that are no whole day: trace_hist_hour
+    raw_users: list[tuple]     # what trace_user_day does not cover, from message_trace
+
+
+def plan(start: dt.datetime | None, end: dt.datetime | None) -> Period:
+    """Where each part of [start, end] is read from."""
     start, end = _utc(start), _utc(end)
     hours, raw_h = _split(start, end, _HOUR)
     days, raw_d = (None, raw_h) if hours is None else _split(hours[0], hours[1], _DAY)
@@ -196,6 +202,26 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
         raw_users = ([(start, days[0], False)] if start is not None and start < days[0] else []) \
             + ([(days[1], end, True)] if end is not None else [])
 
+    return Period(start, end, hours, raw_h, days, hist_hours, raw_users)
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The statements of one analytics answer and their named parameters."""
+
+    counts: str
+    hist: str
+    users: str
+    slow: str
+    exact: str
+    exact_steps: str
+    params: dict
+
+
+def queries(p: Period, *, instance: str | None, interval: str, top: int, slow_ms: int) -> Queries:
+    """The SQL of every part of the answer for a period."""
+    start, end, hours, raw_h, days = p.start, p.end, p.hours, p.raw_h, p.days
+    hist_hours, raw_users = p.hist_hours, p.raw_users
     ikey = instance if instance is not None else ALL
     params: dict = {"instance": instance, "ikey": ikey, "interval": interval, "top": top,
                     "slow_ms": slow_ms}
@@ -294,56 +320,99 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
         WHERE {inst} AND {whole} AND status <> 'processing' AND x->>'duration_ms' IS NOT NULL
         GROUP BY 1"""
 
+    return Queries(counts_sql, hist_sql, users_sql, slow_sql, exact_sql, exact_steps_sql, params)
+
+
+@dataclass
+class Totals:
+    """Counts and sums folded from the per (hour, instance, status) facts."""
+
+    overall: dict
+    per_instance: dict[str, dict]
+    volume: list
+    peak: list
+
+
+def fold(facts: list[dict]) -> Totals:
+    """Sum the count facts overall and per instance; split out volume and peak hours."""
+    per_inst: dict[str, dict] = {}
+    totals = {"completed": 0, "failed": 0, "error": 0, "processing": 0, "total": 0,
+              "dn": 0, "ds": 0, "sn": 0, **dict.fromkeys(_USAGE_SUMS, 0)}
+    volume, peak = [], []
+    for r in facts:
+        if r["part"] == "v":
+            if r["m"]:
+                volume.append(r)
+        elif r["part"] == "p":
+            if r["m"]:
+                peak.append(r)
+        else:
+            st, m = r["status"], int(r["m"])
+            d = per_inst.setdefault(r["instance_name"], {
+                "total": 0, "completed": 0, "finished": 0, "dn": 0, "ds": 0,
+                **dict.fromkeys(_USAGE_SUMS, 0)})
+            d["total"] += m
+            for key in _USAGE_SUMS:
+                d[key] += r[key] or 0
+                totals[key] += r[key] or 0
+            totals["total"] += m
+            totals[st] = totals.get(st, 0) + m
+            totals["sn"] += int(r["sn"] or 0)
+            if st != "processing":
+                d["finished"] += m
+                d["dn"] += int(r["dn"])
+                d["ds"] += int(r["ds"])
+                totals["dn"] += int(r["dn"])
+                totals["ds"] += int(r["ds"])
+            if st == "completed":
+                d["completed"] += m
+    return Totals(totals, per_inst, volume, peak)
+
+
+def step_figures(hists: dict[str, list], exact: bool, steps_exact: dict, total_ms: float) -> list[dict]:
+    """Each step's average, p95 and share of the total time, in step order."""
+    steps = []
+    for name in STEPS:
+        h = hists.get(name)
+        if not h:
+            continue
+        n = sum(c for _, c, _ in h)
+        s = sum(float(x) for _, _, x in h)
+        p95 = steps_exact.get(name) if exact else hist_percentiles(h, [0.95])[0]
+        steps.append({"step": name, "avg_duration_ms": _num(s / n),
+                      "p95_duration_ms": _num(p95),
+                      "share_of_total": round(s / total_ms, 4) if total_ms else None})
+    return steps
+
+
+def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
+            instance: str | None, interval: str, top: int, slow_ms: int,
+            exact_max: int | None = None) -> dict:
+    """Every figure of the analytics answer, from one read-only transaction."""
+    exact_max = EXACT_PERCENTILE_MAX if exact_max is None else exact_max
+    q = queries(plan(start, end), instance=instance, interval=interval, top=top, slow_ms=slow_ms)
+    params = q.params
     with db.cursor() as cur:
         # One snapshot so the parts add up even while traces arrive.
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        cur.execute(counts_sql, params)
+        cur.execute(q.counts, params)
         facts = cur.fetchall()
-        cur.execute(hist_sql, params)
+        cur.execute(q.hist, params)
         hist_rows = cur.fetchall()
-        cur.execute(users_sql, params)
+        cur.execute(q.users, params)
         top_users = cur.fetchall()
         slow_messages = None
         if slow_ms != ROLLUP_SLOW_MS:
-            cur.execute(slow_sql, params)
+            cur.execute(q.slow, params)
             slow_messages = cur.fetchone()["n"]
-        per_inst: dict[str, dict] = {}
-        totals = {"completed": 0, "failed": 0, "error": 0, "processing": 0, "total": 0,
-                  "dn": 0, "ds": 0, "sn": 0, **dict.fromkeys(_USAGE_SUMS, 0)}
-        volume, peak = [], []
-        for r in facts:
-            if r["part"] == "v":
-                if r["m"]:
-                    volume.append(r)
-            elif r["part"] == "p":
-                if r["m"]:
-                    peak.append(r)
-            else:
-                st, m = r["status"], int(r["m"])
-                d = per_inst.setdefault(r["instance_name"], {
-                    "total": 0, "completed": 0, "finished": 0, "dn": 0, "ds": 0,
-                    **dict.fromkeys(_USAGE_SUMS, 0)})
-                d["total"] += m
-                for key in _USAGE_SUMS:
-                    d[key] += r[key] or 0
-                    totals[key] += r[key] or 0
-                totals["total"] += m
-                totals[st] = totals.get(st, 0) + m
-                totals["sn"] += int(r["sn"] or 0)
-                if st != "processing":
-                    d["finished"] += m
-                    d["dn"] += int(r["dn"])
-                    d["ds"] += int(r["ds"])
-                    totals["dn"] += int(r["dn"])
-                    totals["ds"] += int(r["ds"])
-                if st == "completed":
-                    d["completed"] += m
+        folded = fold(facts)
+        totals = folded.overall
         exact = totals["dn"] <= exact_max
         pct_exact, steps_exact = None, {}
         if exact and totals["dn"]:
-            cur.execute(exact_sql, params)
+            cur.execute(q.exact, params)
             pct_exact = cur.fetchone()["pct"]
-            cur.execute(exact_steps_sql, params)
+            cur.execute(q.exact_steps, params)
             steps_exact = {row["step"]: row["p95"] for row in cur.fetchall()}
 
     hists: dict[str, list] = {}
@@ -354,18 +423,8 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
     else:
         pct = hist_percentiles(hists.get("total", []), [0.5, 0.95, 0.99])
     total_ms = totals["ds"]
-    steps = []
-    for name in STEP_ORDER:
-        h = hists.get(name)
-        if not h:
-            continue
-        n = sum(c for _, c, _ in h)
-        s = sum(float(x) for _, _, x in h)
-        p95 = steps_exact.get(name) if exact else hist_percentiles(h, [0.95])[0]
-        steps.append({"step": name, "avg_duration_ms": _num(s / n),
-                      "p95_duration_ms": _num(p95),
-                      "share_of_total": round(s / total_ms, 4) if total_ms else None})
-    by_instance = sorted(((name, d) for name, d in per_inst.items() if d["total"]),
+    steps = step_figures(hists, exact, steps_exact, total_ms)
+    by_instance = sorted(((name, d) for name, d in folded.per_instance.items() if d["total"]),
                          key=lambda kv: (-kv[1]["total"], kv[0]))
     total = totals["total"]
     return {
@@ -382,13 +441,13 @@ def compute(db: Database, *, start: dt.datetime | None, end: dt.datetime | None,
                          "avg_duration_ms": _num(d["ds"] / d["dn"]) if d["dn"] else None,
                          **_usage(d)}
                         for name, d in by_instance],
-        "volume": [{"bucket": _iso(r["bucket"]), "total": int(r["m"]), "failed": int(r["dn"] or 0),
+        "volume": [{"bucket": iso(r["bucket"], "auto"), "total": int(r["m"]), "failed": int(r["dn"] or 0),
                     "cost_usd": _cost(r["cu"], r["cn"])}
-                   for r in sorted(volume, key=lambda r: r["bucket"])],
+                   for r in sorted(folded.volume, key=lambda r: r["bucket"])],
         "top_users": [{"user_id": r["user_id"], "total": int(r["total"]), **_usage(r)}
                       for r in top_users],
         "peak_hours": [{"hour": r["hod"], "total": int(r["m"])}
-                       for r in sorted(peak, key=lambda r: (-int(r["m"]), r["hod"]))],
+                       for r in sorted(folded.peak, key=lambda r: (-int(r["m"]), r["hod"]))],
         "steps": steps,
         "usage": _usage(totals),
     }

@@ -7,12 +7,13 @@ import json
 import uuid
 from urllib.parse import urlencode
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from app.auth import audit, guard
-from app.errors import ApiError
-from app.traces import analytics
-from app.traces.store import STEP_NAMES, TRACE_STATUSES, TraceFilter
+from app.web.auth import audit, guard
+from app.web.errors import ApiError
+from app.traces.store import TraceFilter
+from app.vocabulary import ANALYTICS_INTERVALS, STEPS, TRACE_STATUSES, iso
+from app.runtime import runtime
 
 bp = Blueprint("traces", __name__, url_prefix="/api/v1/traces")
 MAX_STRING = 256
@@ -24,7 +25,7 @@ def _auth() -> None:
 
 
 def _store():
-    return current_app.extensions["omni"].traces
+    return runtime().traces
 
 
 def bad(param: str, why: str) -> ApiError:
@@ -33,7 +34,7 @@ def bad(param: str, why: str) -> ApiError:
 
 
 def parse_int(name: str, lo: int, hi: int, default: int | None = None) -> int | None:
-    """An integer query parameter within [lo, hi]."""
+    """An integer query parameter within [lo, hi] (default when absent)."""
     raw = request.args.get(name)
     if raw is None:
         return default
@@ -92,7 +93,7 @@ def _filters() -> TraceFilter:
         instance_name=parse_str("instance_name"), status=parse_str("status", TRACE_STATUSES),
         user_id=parse_str("user_id"), min_duration=parse_int("min_duration", 0, 2**31 - 1),
         max_duration=parse_int("max_duration", 0, 2**31 - 1), start_date=parse_date("start_date"),
-        end_date=parse_date("end_date"), failed_step=parse_str("failed_step", STEP_NAMES),
+        end_date=parse_date("end_date"), failed_step=parse_str("failed_step", STEPS),
         message_type=parse_str("message_type"))
     return flt
 
@@ -121,8 +122,7 @@ def serialize(row: dict) -> dict:
     out["trace_id"] = str(row["trace_id"])
     for key in ("created_at", "updated_at", "platform_timestamp", "delivered_at", "read_at"):
         if row.get(key) is not None:
-            out[key] = row[key].astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace(
-                "+00:00", "Z")
+            out[key] = iso(row[key])
     return out
 
 
@@ -130,7 +130,7 @@ def serialize(row: dict) -> dict:
 def list_traces():
     """Traces newest first, filtered, one page."""
     flt = _filters()
-    limit = parse_int("limit", 1, 1000, 50)
+    limit = parse_int("limit", 1, 1000, 50) or 50
     cursor = request.args.get("cursor")
     after = decode_cursor(cursor) if cursor is not None else None
     rows = _store().list(flt, limit + 1, after)
@@ -149,13 +149,13 @@ def list_traces():
 def get_analytics():
     """Counts, rates, percentiles and breakdowns over a period."""
     start, end = parse_date("start_date"), parse_date("end_date")
-    interval = parse_str("interval", analytics.INTERVALS) or "day"
+    interval = parse_str("interval", ANALYTICS_INTERVALS) or "day"
     top = parse_int("top", 1, 100, 10)
     instance = parse_str("instance_name")
-    slow_ms = int(current_app.extensions["omni"].settings.slow_message_seconds * 1000)
+    slow_ms = int(runtime().settings.slow_message_seconds * 1000)
     audit("trace_analytics", instance=instance)
-    return jsonify(analytics.compute(_store().db, start=start, end=end, instance=instance,
-                                     interval=interval, top=top, slow_ms=slow_ms))
+    return jsonify(_store().analytics(start=start, end=end, instance=instance,
+                                      interval=interval, top=top, slow_ms=slow_ms))
 
 
 @bp.get("/<trace_id>")
@@ -177,7 +177,7 @@ def delete_traces():
     """Delete (or count, with dry_run) traces older than N days."""
     if "older_than_days" not in request.args:
         raise bad("older_than_days", "is required")
-    days = parse_int("older_than_days", 0, 36500)
+    days = parse_int("older_than_days", 0, 36500) or 0
     dry_run = parse_bool("dry_run")
     cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
     store = _store()

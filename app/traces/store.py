@@ -9,9 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 from app.db import Database, execute_values
+from app.traces import analytics
 
-STEP_NAMES = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
-TRACE_STATUSES = ("processing", "completed", "failed", "error")
 PURGE_LOCK_ID = 72_011_002
 PURGE_LOCK_WAIT_MS = 600_000
 
@@ -70,6 +69,8 @@ RECEIPTS_SQL = """WITH v AS (
     RETURNING instance_id, reply_message_id, trace_id, sent_at, delivered_at, read_at"""
 _DELETE_REPLIES_SQL = """DELETE FROM message_reply WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM message_reply WHERE created_at < %(cutoff)s LIMIT %(batch)s))"""
+_PROCESSING_OWNERS_SQL = """SELECT DISTINCT owner FROM message_trace
+    WHERE status = 'processing' AND owner LIKE %(h)s"""
 REPLIES_SQL = """SELECT instance_id, reply_message_id, trace_id, sent_at, delivered_at, read_at
     FROM message_reply
     WHERE (instance_id, reply_message_id) IN (
@@ -239,11 +240,6 @@ class TraceStore:
         return result
 
     @staticmethod
-    def insert_new(cur: Any, rows: list[NewTrace]) -> dict[tuple[int, str], tuple[uuid.UUID, bool]]:
-        """Insert rows; map (instance_id, message_id) to (trace_id, inserted?) incl. duplicates."""
-        return TraceStore.write_batch(cur, rows, [])
-
-    @staticmethod
     def finish(cur: Any, rows: list[FinishedTrace]) -> None:
         """Write final states; rows already finalised (e.g. by a sweep) are left alone."""
         TraceStore.write_batch(cur, [], rows)
@@ -292,7 +288,15 @@ class TraceStore:
                WHERE t.trace_id = stale.trace_id AND t.status = 'processing'""",
             {"extra": extra_seconds})
 
+    def processing_owners(self, host: str) -> list[str]:
+        """The owners (host:pid) on this host that still have rows processing."""
+        return [row["owner"] for row in self.db.fetchall(_PROCESSING_OWNERS_SQL, {"h": host + ":%"})]
+
     # --- reads ---------------------------------------------------------------------------
+
+    def analytics(self, **query: Any) -> dict:
+        """The analytics answer (app/traces/analytics.py) over the rollups and the rows."""
+        return analytics.compute(self.db, **query)
 
     def get(self, trace_id: uuid.UUID) -> dict | None:
         """One trace by id."""
@@ -315,7 +319,7 @@ class TraceStore:
         """How many traces a purge with this cutoff would delete."""
         row = self.db.fetchone("SELECT count(*) AS n FROM message_trace WHERE created_at < %(cutoff)s",
                                {"cutoff": cutoff})
-        return int(row["n"])
+        return int(row["n"]) if row else 0
 
     def delete_older_than(self, cutoff: dt.datetime, batch: int = 5000, *,
                           exclusive: bool = True) -> int | None:

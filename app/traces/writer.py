@@ -16,7 +16,7 @@ import uuid
 from concurrent.futures import Future
 
 from app.db import Database, DatabaseError, DatabaseUnavailable, RowRejected
-from app.telemetry import metrics
+from app.telemetry.recorder import Recorder
 from app.traces.store import FinishedTrace, NewTrace, ReceiptRow, TraceStore
 
 log = logging.getLogger("omni.traces")
@@ -42,10 +42,10 @@ RECEIPT_RECHECK_S = 2.0
 class TraceWriter:
     """Batches inserts (waited for) and final updates (fire and forget) in one thread."""
 
-    def __init__(self, db: Database, store: TraceStore, metrics_on: bool = True) -> None:
+    def __init__(self, db: Database, store: TraceStore, recorder: Recorder) -> None:
         self.db = db
         self.store = store
-        self.metrics_on = metrics_on
+        self.recorder = recorder
         self._receipts: collections.deque[ReceiptRow] = collections.deque()
         self._recheck: collections.deque[tuple[float, ReceiptRow]] = collections.deque()
         self._cond = threading.Condition()
@@ -80,7 +80,7 @@ class TraceWriter:
         with self._cond:
             if len(self._finishes) >= MAX_PENDING_FINISH:
                 self._finishes.popleft()
-                metrics.UPSTREAM_ERRORS.labels(upstream="database", reason="write_failed").inc()
+                self.recorder.upstream_failed("database", "write_failed")
             if not self._finishes:
                 self._finish_since = time.monotonic()
                 self._cond.notify()  # the writer's wait must now end by the linger deadline
@@ -93,7 +93,7 @@ class TraceWriter:
         with self._cond:
             if len(self._receipts) >= MAX_PENDING_FINISH:
                 self._receipts.popleft()
-                metrics.UPSTREAM_ERRORS.labels(upstream="database", reason="write_failed").inc()
+                self.recorder.upstream_failed("database", "write_failed")
             if not self._finishes and not self._receipts:
                 self._finish_since = time.monotonic()
                 self._cond.notify()
@@ -156,7 +156,7 @@ class TraceWriter:
                     if due else []
                 receipts = [self._receipts.popleft() for _ in range(min(MAX_BATCH, len(self._receipts)))] \
                     if due and now >= self._retry_at else []
-                recheck = []
+                recheck: list[ReceiptRow] = []
                 while self._recheck and self._recheck[0][0] <= now and len(recheck) < MAX_BATCH:
                     recheck.append(self._recheck.popleft()[1])
                 self._writing = len(inserts) + len(finishes) + len(receipts)
@@ -190,7 +190,7 @@ class TraceWriter:
                     self._write([], [row])
                 return
             reason = "unavailable" if isinstance(exc, DatabaseUnavailable) else "write_failed"
-            metrics.UPSTREAM_ERRORS.labels(upstream="database", reason=reason).inc()
+            self.recorder.upstream_failed("database", reason)
             for _, fut in inserts:
                 fut.set_exception(exc if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable(str(exc)))
             if not outage:
@@ -205,10 +205,10 @@ class TraceWriter:
             # Back off so an outage costs one failed attempt a second, not a busy loop.
             self._retry_at = time.monotonic() + 1.0
             return
-        for row, fut in inserts:
-            trace_id, _ = result.get((row.instance_id, row.message_id), (row.trace_id, True))
+        for new, fut in inserts:
+            trace_id, _ = result.get((new.instance_id, new.message_id), (new.trace_id, True))
             # Duplicates inside one batch share a key: only the row whose id won was inserted.
-            fut.set_result((trace_id, trace_id == row.trace_id))
+            fut.set_result((trace_id, trace_id == new.trace_id))
 
 
     def _write_receipts(self, receipts: list[ReceiptRow], recheck: list[ReceiptRow]) -> None:
@@ -220,7 +220,7 @@ class TraceWriter:
                                                              for r in recheck}))
         except Exception as exc:  # noqa: BLE001 - this thread must survive
             reason = "unavailable" if isinstance(exc, DatabaseUnavailable) else "write_failed"
-            metrics.UPSTREAM_ERRORS.labels(upstream="database", reason=reason).inc()
+            self.recorder.upstream_failed("database", reason)
             log.error("receipt write failed", extra={"event": "receipt_write_failed", "error": str(exc)})
             if isinstance(exc, DatabaseUnavailable) or (
                     isinstance(exc, DatabaseError) and not isinstance(exc, RowRejected)):
@@ -237,8 +237,7 @@ class TraceWriter:
             if row is not None and row[2] is not None:
                 self._observe(receipt, row)
             elif id(receipt) in second_look:
-                if self.metrics_on:
-                    metrics.WEBHOOK_IGNORED.labels(reason="receipt_unknown").inc()
+                self.recorder.webhook_ignored("receipt_unknown")
             else:
                 with self._cond:
                     self._recheck.append((later, receipt))
@@ -247,9 +246,9 @@ class TraceWriter:
         """Receipt latency, once per reply and kind: only the receipt that set the time counts."""
         sent_at, delivered_at, read_at = row[3], row[4], row[5]
         first = delivered_at if receipt.status == "delivered" else read_at
-        if self.metrics_on and sent_at is not None and first == receipt.at:
-            metrics.child(metrics.REPLY_RECEIPT, receipt.instance_name, receipt.status).observe(
-                max(0.0, (receipt.at - sent_at).total_seconds()))
+        if sent_at is not None and first == receipt.at:
+            self.recorder.reply_receipt(receipt.instance_name, receipt.status,
+                                        (receipt.at - sent_at).total_seconds())
 
 
 def new_trace_id() -> uuid.UUID:

@@ -10,15 +10,16 @@ from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app import evolution
-from app.auth import client_ip
+from app.web.auth import client_ip
 from app.db import DatabaseError, DatabaseUnavailable
-from app import jsonsafe
-from app.errors import ApiError
-from app.pipeline import Message, utcnow
-from app.telemetry import metrics
+from app.web import jsonsafe
+from app.web.errors import ApiError
+from app.pipeline.message import Message
+from app.runtime import Runtime, runtime
 from app.telemetry.logs import REDACTOR
 from app.traces.store import NewTrace, ReceiptRow
 from app.traces.writer import new_trace_id
+from app.vocabulary import INTAKE_STEPS, utcnow
 
 bp = Blueprint("webhooks", __name__)
 log = logging.getLogger("omni.webhook")
@@ -31,9 +32,7 @@ RETRY_AFTER_BUSY = "2"
 
 def _reject(status: int, reason: str, message: str, *, headers: dict | None = None,
             level: int = logging.INFO, **fields) -> ApiError:
-    rt = current_app.extensions["omni"]
-    if rt.settings.enable_metrics:
-        metrics.WEBHOOK_REJECTED.labels(reason=reason).inc()
+    runtime().recorder.webhook_rejected(reason)
     log.log(level, "webhook rejected: %s", message, extra={
         "event": "webhook_rejected", "reason": reason, "status": status, "client_ip": client_ip(),
         **fields})
@@ -67,7 +66,7 @@ def evolution_webhook(instance_name: str, event: str | None):
     """Record the message, hand it to the pipeline, answer at once."""
     started = time.perf_counter()
     received_at = utcnow()
-    rt = current_app.extensions["omni"]
+    rt = runtime()
     settings = rt.settings
     ip = client_ip()
     if settings.webhook_rate_per_address and rt.webhook_rate_address.hit(ip) > settings.webhook_rate_per_address:
@@ -82,8 +81,7 @@ def evolution_webhook(instance_name: str, event: str | None):
     try:
         inst = rt.instances.lookup(instance_name)
     except (DatabaseUnavailable, DatabaseError):
-        if settings.enable_metrics:
-            metrics.UPSTREAM_ERRORS.labels(upstream="database", reason="unavailable").inc()
+        rt.recorder.upstream_failed("database", "unavailable")
         raise _reject(503, "database_unavailable", "database unavailable; retry later",
                       headers={"Retry-After": RETRY_AFTER_DB}, level=logging.ERROR) from None
     if inst is None:
@@ -120,9 +118,8 @@ def evolution_webhook(instance_name: str, event: str | None):
     return _accept(rt, inst, parsed, user_id, digits, received_at, started, t_received, t_validated)
 
 
-def _ignored(rt, inst, body: dict, ignored: evolution.Ignored):
-    if rt.settings.enable_metrics:
-        metrics.WEBHOOK_IGNORED.labels(reason=ignored.reason).inc()
+def _ignored(rt: Runtime, inst, body: dict, ignored: evolution.Ignored):
+    rt.recorder.webhook_ignored(ignored.reason)
     data = body.get("data")
     key = data.get("key") if isinstance(data, dict) else None
     msg_id = key.get("id") if isinstance(key, dict) else None
@@ -134,7 +131,7 @@ def _ignored(rt, inst, body: dict, ignored: evolution.Ignored):
     return jsonify(status="ignored", reason=ignored.reason, detail=ignored.detail), 200
 
 
-def _receipt(rt, inst, body: dict, receipt: evolution.Receipt):
+def _receipt(rt: Runtime, inst, body: dict, receipt: evolution.Receipt):
     if rt.writer is None:
         return _ignored(rt, inst, body, evolution.Ignored("receipt", "tracing is off: receipts are not recorded"))
     rt.writer.receipt(ReceiptRow(instance_id=inst.id, instance_name=inst.name,
@@ -143,7 +140,7 @@ def _receipt(rt, inst, body: dict, receipt: evolution.Receipt):
     return jsonify(status="recorded", receipt=receipt.status), 200
 
 
-def _sender(rt, msg: evolution.Inbound) -> tuple[str, str]:
+def _sender(rt: Runtime, msg: evolution.Inbound) -> tuple[str, str]:
     """(user_id, digits of the agent session) of a message, one per person across LID and phone."""
     phone = msg.phone
     if msg.lid is not None:
@@ -153,33 +150,33 @@ def _sender(rt, msg: evolution.Inbound) -> tuple[str, str]:
             phone = rt.contacts.phone_for(msg.lid)
     if phone is not None:
         return "whatsapp:+" + phone, phone
+    assert msg.lid is not None  # the parser gives a phone, a LID or both
     return "whatsapp:lid:" + msg.lid, msg.lid
 
 
-def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
+def _accept(rt: Runtime, inst, inbound: evolution.Inbound, user_id: str, digits: str,
             received_at: dt.datetime, started: float, t_received: float, t_validated: float):
     settings = rt.settings
-    pipeline = rt.pipeline
-    if settings.enable_metrics:
-        metrics.seed_instance(inst.name)
+    admission = rt.admission
+    rt.recorder.instance_seen(inst.name)
     msg = Message(trace_id=new_trace_id(), instance=inst, user_id=user_id, digits=digits,
                   text=inbound.text, received_at=received_at, started=started,
                   reply_number=inbound.reply_number)
     fields = {"message_id": inbound.message_id}
-    pipeline.record_step(msg, "webhook_received", "success", t_received, emit=False)
-    pipeline.record_step(msg, "instance_validated", "success", t_validated, emit=False)
+    timings = dict(zip(INTAKE_STEPS, (t_received, t_validated)))
+    for step, seconds in timings.items():
+        msg.record(step, "success", seconds)
 
-    if not pipeline.try_reserve(settings.overload_wait_s):
+    if not admission.try_reserve(settings.overload_wait_s):
         raise _reject(503, "overloaded", "service overloaded; retry later",
                       headers={"Retry-After": RETRY_AFTER_BUSY}, level=logging.WARNING, instance=inst.name)
-    timings = {"webhook_received": t_received, "instance_validated": t_validated}
     pending = None
     try:
         if rt.writer is not None:
             row = NewTrace(trace_id=msg.trace_id, instance_id=inst.id, instance_name=inst.name,
                            message_id=fields["message_id"], user_id=user_id,
                            message_content=msg.text if settings.store_message_content else None,
-                           created_at=received_at, steps=list(msg.steps), owner=pipeline.owner,
+                           created_at=received_at, steps=list(msg.steps), owner=rt.owner,
                            message_type=inbound.message_type, remote_jid=inbound.remote_jid,
                            platform_timestamp=inbound.platform_ts)
             pending = rt.writer.insert(row)
@@ -190,32 +187,32 @@ def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
         # The insert is still queued or running and may yet commit. If it does, the row
         # exists and every redelivery will be answered `duplicate`, so this worker must
         # process it then: the slot stays reserved for it until the insert's outcome is known.
-        pending.add_done_callback(lambda fut: _late_commit(pipeline, msg, timings, fut))
+        assert pending is not None  # only the writer's insert can time out
+        pending.add_done_callback(lambda fut: _late_commit(rt, msg, timings, fut))
         raise _reject(503, "database_unavailable", "database too slow; the message was not "
                       "recorded yet, retry later", headers={"Retry-After": RETRY_AFTER_DB},
                       level=logging.ERROR, instance=inst.name) from None
     except DatabaseUnavailable:
-        pipeline.release()
+        rt.admission.release()
         raise _reject(503, "database_unavailable", "database unavailable; the message was not "
                       "recorded, retry later", headers={"Retry-After": RETRY_AFTER_DB},
                       level=logging.ERROR, instance=inst.name) from None
     except BaseException:
-        pipeline.release()
+        rt.admission.release()
         raise
     if not inserted:
-        pipeline.release()
+        rt.admission.release()
         log.info("duplicate delivery", extra={"event": "webhook_duplicate", "trace_id": str(trace_id),
                                               "instance": inst.name})
         return jsonify(status="duplicate", trace_id=str(trace_id)), 200
-    pipeline.emit_steps(msg, timings)
-    if settings.enable_metrics and inbound.platform_ts is not None:
-        lag = (received_at - inbound.platform_ts).total_seconds()
-        metrics.child(metrics.WEBHOOK_LAG, inst.name).observe(max(0.0, lag))
-    pipeline.submit(msg)
+    rt.flow.emit_steps(msg, timings)
+    if inbound.platform_ts is not None:
+        rt.recorder.webhook_lag(inst.name, (received_at - inbound.platform_ts).total_seconds())
+    rt.flow.submit(msg)
     return jsonify(status="accepted", trace_id=str(msg.trace_id), instance=inst.name), 202
 
 
-def _late_commit(pipeline, msg: Message, timings: dict[str, float], fut) -> None:
+def _late_commit(rt: Runtime, msg: Message, timings: dict[str, float], fut) -> None:
     """Process a message whose row committed after its webhook was answered 503.
 
     Runs in the writer thread (or at once if the insert already ended). The unique key
@@ -224,12 +221,12 @@ def _late_commit(pipeline, msg: Message, timings: dict[str, float], fut) -> None
     """
     try:
         inserted = fut.exception() is None and fut.result()[1]
-        if inserted and pipeline.accepting:
+        if inserted and rt.admission.accepting:
             log.warning("trace row committed after its webhook timed out; processing it",
                         extra={"event": "webhook_late_commit", "trace_id": str(msg.trace_id),
                                "instance": msg.instance.name})
-            pipeline.emit_steps(msg, timings)
-            pipeline.submit(msg)
+            rt.flow.emit_steps(msg, timings)
+            rt.flow.submit(msg)
             return
         if inserted:
             # Shutting down: the row stays `processing` under this worker's owner, and the
@@ -240,4 +237,4 @@ def _late_commit(pipeline, msg: Message, timings: dict[str, float], fut) -> None
     except Exception:  # noqa: BLE001 - a callback error must not leak the slot
         log.exception("late commit handover failed", extra={"event": "webhook_late_commit_failed",
                                                              "trace_id": str(msg.trace_id)})
-    pipeline.release()
+    rt.admission.release()

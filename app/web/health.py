@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
 from app.db import DatabaseError, DatabaseUnavailable
-from app.errors import ApiError
+from app.web.errors import ApiError
 from app.telemetry import metrics
+from app.runtime import runtime
 
 bp = Blueprint("health", __name__)
 OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
@@ -17,7 +18,7 @@ OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
 @bp.get("/health")
 def health():
     """200 while the database answers, 503 otherwise (SPEC 4.1)."""
-    rt = current_app.extensions["omni"]
+    rt = runtime()
     s = rt.settings
     try:
         rt.db.ping()
@@ -36,7 +37,7 @@ def health():
 @bp.get("/metrics")
 def prometheus_metrics():
     """Prometheus exposition summed over every worker (404 when metrics are off)."""
-    rt = current_app.extensions["omni"]
+    rt = runtime()
     if not rt.settings.enable_metrics:
         raise ApiError(404, "metrics are disabled")
     if rt.settings.metrics_token:

@@ -25,7 +25,7 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, detail: dict | None = None, headers: dict | None = None):
     """A Flask response carrying {"error", "detail"?}."""
-    body = {"error": message}
+    body: dict = {"error": message}
     if detail:
         body["detail"] = detail
     resp = jsonify(body)
@@ -52,7 +52,8 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         code = exc.code or 500
-        headers = {"Allow": ", ".join(exc.valid_methods)} if getattr(exc, "valid_methods", None) else None
+        allowed = getattr(exc, "valid_methods", None)  # MethodNotAllowed only
+        headers = {"Allow": ", ".join(allowed)} if allowed else None
         return error_response(code, _MESSAGES.get(code, exc.name.lower()), headers=headers)
 
     @app.errorhandler(DatabaseUnavailable)

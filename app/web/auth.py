@@ -7,12 +7,12 @@ import logging
 import math
 import time
 
-from flask import current_app, g, request
+from flask import g, request
 
 from app.db import DatabaseError, DatabaseUnavailable
-from app.errors import ApiError
-from app.ratelimit import WindowCounter
-from app.telemetry import metrics
+from app.web.errors import ApiError
+from app.web.ratelimit import WindowCounter
+from app.telemetry.recorder import Recorder
 
 log = logging.getLogger("omni.security")
 
@@ -56,11 +56,11 @@ class Guard:
     own in-memory count.
     """
 
-    def __init__(self, api_key: str, failures_per_minute: int, metrics_on: bool, db=None) -> None:
+    def __init__(self, api_key: str, failures_per_minute: int, recorder: Recorder, db=None) -> None:
         self.api_key = api_key
         self.limit = failures_per_minute
         self.failures = WindowCounter(failures_per_minute)
-        self.metrics_on = metrics_on
+        self.recorder = recorder
         self.db = db
         self._blocked_until: dict[str, float] = {}
         # Addresses the shared table showed clean, and until when that answer is reused.
@@ -98,8 +98,7 @@ class Guard:
         return local if shared is None else shared[0]
 
     def _log_failure(self, ip: str, reason: str, **fields) -> None:
-        if self.metrics_on:
-            metrics.AUTH_FAILURES.labels(reason=reason).inc()
+        self.recorder.auth_failed(reason)
         log.warning("authentication failed: %s", reason, extra={
             "event": "auth_failed", "reason": reason, "client_ip": ip, "path": request.path,
             "method": request.method, **fields})
@@ -154,8 +153,7 @@ class Guard:
         raise ApiError(401, "missing or invalid webhook secret")
 
     def _limited(self, ip: str, wait: int) -> ApiError:
-        if self.metrics_on:
-            metrics.AUTH_FAILURES.labels(reason="rate_limited").inc()
+        self.recorder.auth_failed("rate_limited")
         log.warning("rate limited after repeated authentication failures", extra={
             "event": "rate_limited", "reason": "auth_failures", "client_ip": ip, "path": request.path})
         return ApiError(429, "too many failed authentication attempts; retry later",
@@ -194,6 +192,8 @@ def audit(action: str, **fields) -> None:
 
 def guard() -> Guard:
     """The app's Guard."""
-    return current_app.extensions["omni"].guard
+    from app.runtime import runtime  # app.runtime builds the Guard: imported late
+
+    return runtime().guard
 
 

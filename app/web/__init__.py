@@ -1,0 +1,1 @@
+"""The HTTP layer: webhooks, health and metrics, authentication, errors, strict JSON."""
