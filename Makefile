@@ -14,7 +14,7 @@ LOKI_URL ?=
 GRAFANA_URL ?= http://127.0.0.1:3000
 SANDBOX_URL ?= http://127.0.0.1:8890
 
-.PHONY: help up run down clean logs ps test bench check smoke grafana-reset-admin venv tools
+.PHONY: help up run down clean logs ps test test-unit lint bench check smoke grafana-reset-admin venv tools
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,14 +58,21 @@ logs: ## follow the Docker stack's logs
 ps: ## show the Docker stack's services
 	$(COMPOSE) ps
 
-test: venv tools ## install what the suite needs and run every test
+test: venv tools lint ## install what the suite needs, lint, and run every tier of tests
 	$(PY) -m pytest
+
+test-unit: venv ## the fast tier only: no servers (tests/unit)
+	$(PY) -m pytest tests/unit
+
+lint: venv ## ruff on the whole tree, mypy on app/ (settings in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: venv tools ## benchmarks (QUICK=1 for a short smoke run)
 	$(PY) -m bench $(if $(QUICK),--quick)
 
 check: venv tools ## validate compose, Dockerfile, Prometheus, Loki and Grafana files offline
-	$(PY) -m pytest -q tests/test_stack_config.py
+	$(PY) -m pytest -q tests/system/test_stack_config.py
 
 smoke: venv ## end-to-end checks of a running stack (URLs overridable, see Makefile)
 	$(PY) -m demo.smoke --omni $(OMNI_URL) --prometheus "$(PROMETHEUS_URL)" --loki "$(LOKI_URL)" \

@@ -4,7 +4,7 @@
 Every `## ` section of the runbooks becomes one text panel; panel n is the n-th section, so
 an alert's runbook_url is `<Grafana root URL>d/omni-runbooks/omni-runbooks?viewPanel=panel-n`
 and opens that section alone, inside the stack, without network access. Run it after
-editing docs/runbooks.md; tests/test_stack_config.py fails while the two differ.
+editing docs/runbooks.md; tests/system/test_stack_config.py fails while the two differ.
 
     python3 scripts/runbooks-dashboard.py          # rewrite the dashboard
     python3 scripts/runbooks-dashboard.py --check  # exit 1 if it is out of date

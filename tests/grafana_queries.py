@@ -1,6 +1,6 @@
 """Every query of the provisioned Grafana dashboards and alert rules, ready to run.
 
-Used by tests/test_stack_config.py (offline checks) and tests/test_dashboard_queries.py
+Used by tests/system/test_stack_config.py (offline checks) and tests/system/test_dashboard_queries.py
 (each PromQL against a real Prometheus, each SQL against PostgreSQL as grafana_reader).
 
     from tests.grafana_queries import promql_queries, sql_queries, logql_queries

@@ -18,7 +18,7 @@ import pytest
 from demo import loadgen
 from tests.support import LocalHTTPServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ID_RE = re.compile(r"3EB0[0-9A-F]{16}")
 PERSONA = loadgen.Persona("5511987654321", "Ana", "103899771998284")
 NOW = 1766140200.0

@@ -32,7 +32,7 @@ from aiohttp import web
 from demo import loadgen, sandbox
 from tests.support import LocalHTTPServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-gateway-key"
 
 

@@ -3,7 +3,6 @@ import json
 import re
 
 import requests
-from openapi_spec_validator import validate
 
 from tests.support import ROOT
 
@@ -26,11 +25,6 @@ def _doc_routes() -> set[tuple[str, str]]:
             if method in ("get", "post", "put", "patch", "delete")}
 
 
-def test_document_is_valid_openapi_3():
-    assert DOC["openapi"].startswith("3.")
-    validate(DOC)
-
-
 def test_every_route_is_documented_and_every_documented_route_exists(app_factory):
     app = app_factory()
     assert _flask_routes(app) == _doc_routes()
@@ -39,13 +33,3 @@ def test_every_route_is_documented_and_every_documented_route_exists(app_factory
 def test_served_document_is_the_repository_file(service):
     r = requests.get(service.url + "/openapi.json", timeout=10)
     assert r.status_code == 200 and r.json() == DOC
-
-
-def test_every_operation_declares_its_error_statuses():
-    for path, ops in DOC["paths"].items():
-        for method, op in ops.items():
-            if method not in ("get", "post", "put", "patch", "delete"):
-                continue
-            if path.startswith("/api/v1"):
-                assert "401" in op["responses"], (method, path)
-                assert "429" in op["responses"], (method, path)

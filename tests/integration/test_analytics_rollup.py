@@ -17,7 +17,7 @@ import pytest
 from app.db import Database
 from app.traces import analytics
 from app.traces.store import FinishedTrace, NewTrace, TraceStore
-from tests.support import migrate
+from tests.support import ROOT, migrate
 from tests.test_traces_api import (
     INSTANCES,
     STEPS,
@@ -291,7 +291,7 @@ def test_migration_backfills_existing_rows(pg):
     from app.db import migrate as run_migrate
     url = pg.create_database()
     pre = Path(tempfile.mkdtemp())
-    for p in sorted(Path(__file__).resolve().parents[1].joinpath("sql").glob("00[1-5]_*.sql")):
+    for p in sorted(ROOT.joinpath("sql").glob("00[1-5]_*.sql")):
         shutil.copy(p, pre)
     run_migrate(url, pre)
     insert_rows(url, dense_rows(200, dt.datetime.now(UTC)), usage=False)

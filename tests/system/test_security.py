@@ -124,7 +124,7 @@ def test_every_secret_comparison_is_constant_time(app_factory, monkeypatch):
     the webhook secret are all checked through it (spied in a real app)."""
     import hmac
 
-    import app.auth as auth
+    import app.web.auth as auth
 
     calls = []
     real = hmac.compare_digest
