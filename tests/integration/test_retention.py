@@ -12,6 +12,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
+from app.pipeline import chores
 from tests.support import PYTHON, ROOT, migrate
 
 UTC = dt.timezone.utc
@@ -123,10 +124,12 @@ def test_runtime_purge_deletes_expired_rows(app_factory, db):
     expired = insert_aged(db, [8, 9, 10, 30])
     kept = insert_aged(db, [0.1, 3, 6.5])
     app = app_factory(db, enable_tracing=False, trace_retention_days=7)
-    app.extensions["omni"].purge()
+    rt = app.extensions["omni"]
+    purge = chores.purger(rt.traces, rt.settings)  # the worker's hourly chore
+    purge()
     assert remaining(db) == set(kept)
     assert not set(expired) & remaining(db)
-    app.extensions["omni"].purge()  # idempotent
+    purge()  # idempotent
     assert remaining(db) == set(kept)
 
 
@@ -236,8 +239,8 @@ def test_concurrent_purges_of_every_kind_keep_the_rollups_exact(db):
     rollups used to count those hours twice."""
     from app.db import Database
     from app.traces.store import TraceStore
-    from tests.test_analytics_rollup import assert_rollups_exact, dense_rows
-    from tests.test_traces_api import insert_rows
+    from tests.integration.test_analytics_rollup import assert_rollups_exact, dense_rows
+    from tests.integration.test_traces_api import insert_rows
 
     now = dt.datetime.now(UTC)
     insert_rows(db, dense_rows(3000, now, seed=23, days=4.0))
