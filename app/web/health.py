@@ -12,7 +12,7 @@ from app.telemetry import metrics
 from app.runtime import runtime
 
 bp = Blueprint("health", __name__)
-OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 
 
 @bp.get("/health")
