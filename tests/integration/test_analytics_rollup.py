@@ -187,7 +187,8 @@ def test_rollups_follow_every_kind_of_write(db_url):
 def finished(rng: random.Random, trace_id) -> FinishedTrace:
     """A final state as the pipeline writes it: any final status, slow or not, 0-4 steps."""
     status = rng.choice(["completed", "completed", "failed", "error"])
-    steps = [{"step": s, "status": "success", "duration_ms": rng.choice([0, rng.randint(1, 30), rng.randint(50, 15000)]),
+    steps = [{"step": s, "status": "success",
+              "duration_ms": rng.choice([0, rng.randint(1, 30), rng.randint(50, 15000)]),
               "timestamp": None} for s in STEPS[:rng.randint(0, 4)]]
     usage = random.Random(trace_id.int)
     tokens = (usage.randint(0, 3000), usage.choice([None, usage.randint(0, 900)])) \
@@ -272,7 +273,8 @@ def test_trigger_function_is_compiled_from_the_templates(db_url):
     """sql/007 pastes trace_rollup_statements() into the trigger function: a migration that
     changes the templates must call trace_rollup_compile() again."""
     src = query(db_url, "SELECT prosrc FROM pg_proc WHERE proname = 'trace_rollup_trigger'")[0][0]
-    stmts = query(db_url, """SELECT format(s, $$SELECT 1 AS sign, instance_name, user_id, status, duration_ms, created_at, steps, input_tokens, output_tokens, cost_usd
+    stmts = query(db_url, """SELECT format(s, $$SELECT 1 AS sign, instance_name, user_id, status, duration_ms, \
+created_at, steps, input_tokens, output_tokens, cost_usd
                FROM new_rows WHERE status IN ('completed', 'failed', 'error')$$)
                              FROM unnest(trace_rollup_statements()) AS s""")
     assert len(stmts) == 4

@@ -81,7 +81,7 @@ def test_concurrent_migrations_on_an_empty_database(pg):
         procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
                  for _ in range(3)]
         outs = [p.communicate(timeout=60) for p in procs]
-        for p, (out, err) in zip(procs, outs):
+        for p, (_, err) in zip(procs, outs):
             assert p.returncode == 0, err
         applied = [json.loads(out)["applied"] for out, _ in outs]
         files = sorted(p.name for p in SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"))

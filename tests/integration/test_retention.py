@@ -259,7 +259,7 @@ def test_concurrent_purges_of_every_kind_keep_the_rollups_exact(db):
             results: list = [None] * len(kinds)
             errors: list = []
 
-            def run(i: int) -> None:
+            def run(i: int, barrier=barrier, results=results, cutoff=cutoff, errors=errors) -> None:
                 try:
                     barrier.wait(10)
                     results[i] = stores[i].delete_older_than(cutoff, batch=200, exclusive=kinds[i])

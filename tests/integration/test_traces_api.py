@@ -125,7 +125,7 @@ def seed_rows(n: int = 300, seed: int = 7, now: dt.datetime | None = None) -> li
     rng = random.Random(seed)
     now = now or dt.datetime.now(UTC)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         status = rng.choices(["completed", "failed", "error", "processing"], [60, 20, 10, 10])[0]
         if status == "processing":
             # In-flight messages are recent (minutes old at most).

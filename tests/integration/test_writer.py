@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from app.db import Database, DatabaseUnavailable
+from app.db import Database, DatabaseUnavailable, RowRejected
 from app.traces.store import FinishedTrace, NewTrace, TraceStore
 from app.traces.writer import TraceWriter
 from app.telemetry.recorder import Recorder
@@ -139,7 +139,7 @@ def test_new_rows_and_final_states_go_in_one_statement(fresh_db):
     # when the new row in the same statement is invalid.
     bad = _row()
     bad.instance_name = None  # NOT NULL violation
-    with pytest.raises(Exception):
+    with pytest.raises(RowRejected):  # the NOT NULL violation, as the db layer names it
         with db.cursor(dict_rows=False, autocommit=True) as cur:
             store.write_batch(cur, [bad], [_finished(second.trace_id)])
     assert _status(db, second.trace_id) == "processing"

@@ -119,7 +119,7 @@ class GroupService(Service):
             except psutil.NoSuchProcess:
                 pass
             except psutil.TimeoutExpired:
-                raise AssertionError(f"worker {pid} survived SIGKILL")
+                raise AssertionError(f"worker {pid} survived SIGKILL") from None
         return pids
 
 
@@ -226,7 +226,7 @@ def test_postgres_outage_under_steady_flow_loses_nothing(stoppable, capsys):
     answers = [a for tries in flow.results.values() for a in tries]
     refused = [a for a in answers if a[1] == 503]
     assert refused, "the outage produced no 503"
-    for _, status, body, headers in refused:
+    for _, _, body, headers in refused:
         assert int(headers["Retry-After"]) > 0, headers
         assert "error" in body
     # Only 202 (accepted), 200 (duplicate of an accepted one) or 503 (not recorded).
@@ -612,7 +612,7 @@ def test_upstream_faults_fail_with_step_and_reason_and_block_nothing(make_servic
         traces = [svc.wait_final(t, timeout=20) for t in ids]
         assert normal_done < 2.0, "the normal message waited for the hanging ones"
         after = samples(svc)
-        for (inst, _, step, reason, error), trace in zip(cases, traces):
+        for (inst, _, step, _, error), trace in zip(cases, traces):
             assert trace["status"] == "failed", (inst, trace)
             assert trace["failed_step"] == step, (inst, trace)
             assert trace["error_message"].startswith(error), (inst, trace["error_message"])

@@ -13,7 +13,6 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-import pytest
 
 from demo import loadgen
 from tests.support import LocalHTTPServer
