@@ -101,25 +101,34 @@ async def call_agent(session: aiohttp.ClientSession, inst: Instance, text: str, 
                     raise UpstreamError(_http_reason(resp.status), f"agent returned {resp.status}")
                 if inst.agent_stream:
                     return await _read_stream(resp, started)
-                return _parse_reply(await _read_bounded(resp))
+                return _parse_reply(await _read_reply(resp))
     except TimeoutError:
         raise UpstreamError("timeout", f"agent timed out after {inst.agent_timeout_s:g} s") from None
     except aiohttp.ClientError as exc:
         raise UpstreamError("connection", f"agent unreachable: {type(exc).__name__}") from None
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
-    """The body, refused as soon as it is known to exceed MAX_REPLY_BYTES."""
-    if resp.content_length is not None and resp.content_length > MAX_REPLY_BYTES:
-        raise UpstreamError("bad_response", "agent reply too large")
-    parts: list[bytes] = []
+async def _read_up_to(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """(the body, or its first `limit` bytes; True when it was longer): the rest is never
+    read, so a huge or endless body costs at most `limit` bytes of memory."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return b"", True
+    chunks: list[bytes] = []
     size = 0
-    while chunk := await resp.content.read(1 << 16):
+    async for chunk in resp.content.iter_chunked(16 << 10):
+        chunks.append(chunk)
         size += len(chunk)
-        if size > MAX_REPLY_BYTES:
-            raise UpstreamError("bad_response", "agent reply too large")
-        parts.append(chunk)
-    return b"".join(parts)
+        if size > limit:
+            return b"".join(chunks)[:limit], True
+    return b"".join(chunks), False
+
+
+async def _read_reply(resp: aiohttp.ClientResponse) -> bytes:
+    """The agent's plain reply, refused as soon as it is known to exceed MAX_REPLY_BYTES."""
+    raw, too_long = await _read_up_to(resp, MAX_REPLY_BYTES)
+    if too_long:
+        raise UpstreamError("bad_response", "agent reply too large")
+    return raw
 
 
 def _parse_reply(raw: bytes) -> AgentReply:
@@ -198,7 +207,7 @@ async def send_evolution(session: aiohttp.ClientSession, inst: Instance, number:
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(url, json={"number": number, "text": text}, headers=headers) as resp:
-                raw = await _read_head(resp, MAX_SEND_ANSWER_BYTES)
+                raw, _ = await _read_up_to(resp, MAX_SEND_ANSWER_BYTES)
                 if not 200 <= resp.status < 300:
                     raise UpstreamError(_http_reason(resp.status), f"evolution returned {resp.status}")
                 return sent_message_id(raw)
@@ -206,18 +215,6 @@ async def send_evolution(session: aiohttp.ClientSession, inst: Instance, number:
         raise UpstreamError("timeout", f"evolution timed out after {timeout_s:g} s") from None
     except aiohttp.ClientError as exc:
         raise UpstreamError("connection", f"evolution unreachable: {type(exc).__name__}") from None
-
-
-async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body, or its first `limit` bytes (enough to tell; the rest is not waited for)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(16 << 10):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= limit:
-            break
-    return b"".join(chunks)
 
 
 def sent_message_id(raw: bytes) -> str | None:
