@@ -12,13 +12,14 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import errors
 from app.auth import Guard
+from app.canary import Canary
 from app.config import Settings
 from app.contacts import LidDirectory
 from app.db import Database
 from app.dedup import RecentIds
 from app.instances import InstanceRepo
 from app.jsonsafe import StrictJSONProvider
-from app.pipeline import Pipeline
+from app.pipeline import Pipeline, owner_id
 from app.ratelimit import WindowCounter
 from app.telemetry import logs, metrics
 from app.traces.store import TraceStore
@@ -133,8 +134,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         periodic += [(settings.sweep_interval_s, rt.sweep), (settings.purge_interval_s, rt.purge)]
     if settings.enable_metrics:
         metrics.seed_static(__version__, settings.cost_alert_usd_per_day)
+        metrics.seed_canary(settings.canary_interval_s if settings.canary_instance else None)
         metrics.sample_worker_resources()
         periodic.append((5.0, metrics.sample_worker_resources))
+    if settings.canary_instance:
+        canary = Canary(settings, db, rt.instances, traces, owner_id())
+        periodic.append((canary.poll_interval_s, canary.run_once))
     rt.pipeline = Pipeline(settings, writer, periodic)
     app.extensions["omni"] = rt
 
