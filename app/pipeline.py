@@ -64,6 +64,8 @@ class Message:
     output_tokens: int | None = None
     cost_usd: Decimal | None = None
     agent_session_id: str | None = None
+    # A canary's message (app/canary.py): traced and logged, counted only in the canary metrics.
+    synthetic: bool = False
 
 
 class Pipeline:
@@ -216,7 +218,7 @@ class Pipeline:
 
     def _emit_step(self, msg: Message, entry: dict, seconds: float | None) -> None:
         step, status = entry["step"], entry["status"]
-        if seconds is not None and self.metrics_on:
+        if seconds is not None and self.metrics_on and not msg.synthetic:
             metrics.child(metrics.STEP_DURATION, msg.instance.name, step, status).observe(seconds)
         if self.settings.enable_detailed_logging and status != "skipped":
             log.log(logging.WARNING if status == "failed" else logging.INFO,
@@ -239,7 +241,7 @@ class Pipeline:
             extra = {}
             if reply.first_chunk_s is not None:
                 extra["first_chunk_ms"] = int(round(reply.first_chunk_s * 1000))
-                if self.metrics_on:
+                if self.metrics_on and not msg.synthetic:
                     metrics.child(metrics.AGENT_FIRST_CHUNK, msg.instance.name).observe(reply.first_chunk_s)
             self.record_step(msg, "agent_called", "success", time.perf_counter() - t0, **extra)
             reply_text = reply.text
@@ -276,7 +278,7 @@ class Pipeline:
         msg.input_tokens, msg.output_tokens = reply.input_tokens, reply.output_tokens
         msg.agent_session_id = reply.session_id
         msg.cost_usd = msg.instance.cost_usd(reply.input_tokens, reply.output_tokens)
-        if not self.metrics_on:
+        if not self.metrics_on or msg.synthetic:
             return
         name = msg.instance.name
         if reply.input_tokens:
@@ -288,7 +290,8 @@ class Pipeline:
 
     def _upstream_failed(self, msg: Message, upstream: str, step: str, t0: float,
                          exc: UpstreamError, reply_text: str | None = None, **extra) -> None:
-        if self.metrics_on:
+        # Not for a canary: the SLOs subtract agent 4xx errors from omni_messages_total.
+        if self.metrics_on and not msg.synthetic:
             metrics.UPSTREAM_ERRORS.labels(upstream=upstream, reason=exc.reason).inc()
         self.record_step(msg, step, "failed", time.perf_counter() - t0, str(exc), **extra)
         self._finish(msg, "failed", step, str(exc), reply_text)
@@ -319,7 +322,7 @@ class Pipeline:
                     input_tokens=msg.input_tokens, output_tokens=msg.output_tokens,
                     cost_usd=msg.cost_usd, agent_session_id=msg.agent_session_id))
             name = msg.instance.name
-            if self.metrics_on:
+            if self.metrics_on and not msg.synthetic:
                 metrics.child(metrics.MESSAGES, name, status).inc()
                 metrics.child(metrics.MESSAGE_DURATION, name, status).observe(seconds)
             self._log_final(msg, status, failed_step, error, duration_ms, reply_text)
@@ -333,11 +336,14 @@ class Pipeline:
                   "duration_ms": duration_ms}
         if failed_step:
             fields.update(step=failed_step, error=error)
+        if msg.synthetic:
+            fields["synthetic"] = True
         if self.settings.log_message_content:
             fields.update(message_content=msg.text, response_content=reply_text)
         level = logging.INFO if status == "completed" else logging.WARNING if status == "failed" else logging.ERROR
         log.log(level, "message %s in %d ms", status, duration_ms, extra=fields)
-        if duration_ms > self.settings.slow_message_seconds * 1000:
+        # A slow canary is reported by its own canary_run line, not among users' slow messages.
+        if duration_ms > self.settings.slow_message_seconds * 1000 and not msg.synthetic:
             log.warning("slow message: %d ms (threshold %g s)", duration_ms,
                         self.settings.slow_message_seconds,
                         extra={**fields, "event": "slow_message"})

@@ -9,7 +9,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import evolution
+from app import canary, evolution
 from app.auth import client_ip
 from app.db import DatabaseError, DatabaseUnavailable
 from app import jsonsafe
@@ -160,11 +160,12 @@ def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
             received_at: dt.datetime, started: float, t_received: float, t_validated: float):
     settings = rt.settings
     pipeline = rt.pipeline
-    if settings.enable_metrics:
+    synthetic = canary.is_synthetic(inst.name, inbound.message_id, settings.api_key)
+    if settings.enable_metrics and not synthetic:
         metrics.seed_instance(inst.name)
     msg = Message(trace_id=new_trace_id(), instance=inst, user_id=user_id, digits=digits,
                   text=inbound.text, received_at=received_at, started=started,
-                  reply_number=inbound.reply_number)
+                  reply_number=inbound.reply_number, synthetic=synthetic)
     fields = {"message_id": inbound.message_id}
     pipeline.record_step(msg, "webhook_received", "success", t_received, emit=False)
     pipeline.record_step(msg, "instance_validated", "success", t_validated, emit=False)
@@ -181,7 +182,7 @@ def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
                            message_content=msg.text if settings.store_message_content else None,
                            created_at=received_at, steps=list(msg.steps), owner=pipeline.owner,
                            message_type=inbound.message_type, remote_jid=inbound.remote_jid,
-                           platform_timestamp=inbound.platform_ts)
+                           platform_timestamp=inbound.platform_ts, synthetic=synthetic)
             pending = rt.writer.insert(row)
             trace_id, inserted = pending.result(timeout=COMMIT_WAIT_S)
         else:
@@ -208,7 +209,7 @@ def _accept(rt, inst, inbound: evolution.Inbound, user_id: str, digits: str,
                                               "instance": inst.name})
         return jsonify(status="duplicate", trace_id=str(trace_id)), 200
     pipeline.emit_steps(msg, timings)
-    if settings.enable_metrics and inbound.platform_ts is not None:
+    if settings.enable_metrics and inbound.platform_ts is not None and not synthetic:
         lag = (received_at - inbound.platform_ts).total_seconds()
         metrics.child(metrics.WEBHOOK_LAG, inst.name).observe(max(0.0, lag))
     pipeline.submit(msg)

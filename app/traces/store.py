@@ -18,7 +18,7 @@ PURGE_LOCK_WAIT_MS = 600_000
 TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_content, response_content,
     status, duration_ms, created_at, updated_at, steps, failed_step, error_message,
     message_type, remote_jid, platform_timestamp, reply_message_id, rc.delivered_at, rc.read_at,
-    input_tokens, output_tokens, cost_usd::float8 AS cost_usd, agent_session_id"""
+    input_tokens, output_tokens, cost_usd::float8 AS cost_usd, agent_session_id, synthetic"""
 # Receipts live in message_reply (sql/009); one primary-key probe per trace shown.
 TRACE_FROM = """message_trace LEFT JOIN LATERAL (
         SELECT r.delivered_at, r.read_at FROM message_reply r
@@ -44,10 +44,10 @@ _REPLY_SQL = """INSERT INTO message_reply AS m (instance_id, reply_message_id, t
         SET trace_id = EXCLUDED.trace_id, sent_at = EXCLUDED.sent_at"""
 _INSERT_SQL = """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id,
         user_id, message_content, status, created_at, updated_at, steps, owner,
-        message_type, remote_jid, platform_timestamp)
+        message_type, remote_jid, platform_timestamp, synthetic)
     SELECT (r->>0)::uuid, (r->>1)::int, r->>2, r->>3, r->>4, r->>5, 'processing',
            (r->>6)::timestamptz, (r->>6)::timestamptz, r->7, r->>8,
-           r->>9, r->>10, (r->>11)::timestamptz
+           r->>9, r->>10, (r->>11)::timestamptz, coalesce((r->>12)::boolean, false)
     FROM jsonb_array_elements(%(new)s::jsonb) AS r
     ON CONFLICT (instance_id, message_id) DO NOTHING
     RETURNING instance_id, message_id, trace_id"""
@@ -115,6 +115,7 @@ class NewTrace:
     message_type: str | None = None
     remote_jid: str | None = None
     platform_timestamp: dt.datetime | None = None
+    synthetic: bool = False  # a canary's message (app/canary.py)
 
 
 @dataclass
@@ -215,7 +216,8 @@ class TraceStore:
             params["new"] = rows_json([
                 [str(r.trace_id), r.instance_id, r.instance_name, r.message_id, r.user_id,
                  r.message_content, r.created_at.isoformat(), r.steps, r.owner, r.message_type,
-                 r.remote_jid, r.platform_timestamp.isoformat() if r.platform_timestamp else None]
+                 r.remote_jid, r.platform_timestamp.isoformat() if r.platform_timestamp else None,
+                 r.synthetic]
                 for r in rows])
         if not params:
             return {}
