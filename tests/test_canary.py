@@ -7,6 +7,8 @@ import datetime as dt
 import json
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -376,6 +378,16 @@ def test_canary_runs_once_per_interval_marked_and_left_out(pg, sandbox, make_ser
         assert not slow_lines
 
         _check_canary_panels_and_alert(prom)
+
+        # `make smoke` on this stack: the canary's ok runs go up, the SLO rules are loaded and
+        # record (their ratios need traffic Prometheus saw: a message after its first scrapes).
+        svc.wait_final(svc.send("bot", "traffic for the SLO rules").json()["trace_id"])
+        smoke = subprocess.run([sys.executable, "-m", "demo.smoke", "--omni", svc.url, "--api-key", API_KEY,
+                                "--sandbox", sandbox.url, "--prometheus", prom.url, "--timeout", "30"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+        for check in ("canary", "slo-rules"):
+            assert any(line.startswith(f"ok   {check}") for line in smoke.stdout.splitlines()), smoke.stdout
     finally:
         prom.stop()
 
