@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     rt = runtime.build(settings, recorder, loki)
     app.extensions["omni"] = rt
     rt.recorder.started(__version__, settings.cost_alert_usd_per_day)
+    rt.recorder.canary_configured(settings.canary_interval_s if settings.canary_instance else None)
 
     errors.register(app)
     from app.web.health import bp as health_bp

@@ -13,6 +13,8 @@ PREFIX = "AUTOMAGIK_OMNI_"
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# app.instances.NAME_RE, restated: importing app.instances would load the database driver.
+_INSTANCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class ConfigError(ValueError):
@@ -56,6 +58,13 @@ class Settings:
     # rules can read it: Grafana does not interpolate the environment in alert queries.
     # 0: no budget, the alert is off.
     cost_alert_usd_per_day: float = 0.0
+    # The canary (app/canary.py): the instance it messages (unset: no canary), how often, the
+    # base URL its webhook goes to (unset: this service's own port on 127.0.0.1; set it to the
+    # address Evolution uses to cover the proxy too) and the WhatsApp number it poses as.
+    canary_instance: str | None = None
+    canary_interval_s: float = 60.0
+    canary_url: str | None = None
+    canary_number: str = "15555550100"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *,
@@ -114,6 +123,23 @@ class Settings:
         for name in ("webhook_rate_per_instance", "webhook_rate_per_address", "trusted_proxies"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 (unlimited) or more")
+        self._validate_canary(bad)
+
+    def _validate_canary(self, bad) -> None:
+        if self.canary_instance is not None and not _INSTANCE_NAME.match(self.canary_instance):
+            raise bad("canary_instance", "must be an instance name (a-z, 0-9, _ and -, "
+                      "starting with a letter or digit, at most 63 characters)")
+        # Below a second the lease's claims would dominate the database's work.
+        if not self.canary_interval_s >= 1:
+            raise bad("canary_interval_s", "must be at least 1 (seconds)")
+        if self.canary_url is not None and (urlparse(self.canary_url).scheme not in ("http", "https")
+                                            or not urlparse(self.canary_url).hostname):
+            raise bad("canary_url", "must be an http:// or https:// URL with a host")
+        if not re.fullmatch(r"[0-9]{5,20}", self.canary_number):
+            raise bad("canary_number", "must be the digits of a phone number (5 to 20)")
+        if self.canary_instance is not None and not self.enable_tracing:
+            raise bad("canary_instance", "the canary follows the trace of its message: "
+                      f"set {PREFIX}ENABLE_TRACING=true or unset {PREFIX}CANARY_INSTANCE")
 
     def public(self) -> dict:
         """The settings with every secret masked, for logs and diagnostics."""

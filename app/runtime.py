@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from flask import current_app
 
 from app.web.auth import Guard
+from app.canary import Canary
 from app.config import Settings
 from app.contacts import LidDirectory
 from app.db import Database
@@ -96,8 +97,12 @@ def build(settings: Settings, recorder: Recorder, loki: LokiHandler | None = Non
                   Chore(settings.purge_interval_s, chores.purger(store, settings))]
     if settings.enable_metrics:
         every.append(Chore(5.0, recorder.sample_resources))
+    instances = InstanceRepo(db)
+    if settings.canary_instance:
+        canary = Canary(settings, instances, store, recorder, owner_id())
+        every.append(Chore(canary.poll_interval_s, canary.run_once))
     return Runtime(
-        settings=settings, recorder=recorder, db=db, instances=InstanceRepo(db), traces=store,
+        settings=settings, recorder=recorder, db=db, instances=instances, traces=store,
         writer=writer, loop=loop, admission=admission,
         flow=Flow(settings, loop, admission, writer, recorder), guard=guard,
         contacts=LidDirectory(db, on_error=lambda: recorder.upstream_failed("database", "write_failed")),

@@ -61,6 +61,9 @@ UPSTREAM_REASONS = {
     "loki": ("connection", "http_4xx", "http_5xx", "timeout"),  # drops: omni_log_records_dropped_total
 }
 
+# How a canary run ended (omni_canary_runs_total{result}): completed within the slow-message
+# threshold, completed later, or anything else.
+CANARY_RESULTS = ("ok", "slow", "failed")
 # Receipts of a sent reply (omni_reply_receipt_seconds{status}).
 RECEIPT_STATUSES = ("delivered", "read")
 # Token types the agent reports (omni_agent_tokens_total{type}).

@@ -445,28 +445,31 @@ async def _retrying(session: aiohttp.ClientSession, method: str, url: str, deadl
         await asyncio.sleep(0.5)
 
 
-async def ensure_instance(session: aiohttp.ClientSession, args: argparse.Namespace) -> str:
-    """Create the demo instance unless it exists; returns 'exists' or 'created'."""
+async def ensure_instance(session: aiohttp.ClientSession, args: argparse.Namespace,
+                          name: str | None = None) -> str:
+    """Create the demo instance (or the named one) unless it exists; returns 'exists' or 'created'."""
+    name = name or args.instance
     base = args.url.rstrip("/")
     headers = {"x-api-key": args.api_key}
     deadline = time.monotonic() + args.startup_timeout
-    status, text = await _retrying(session, "GET", f"{base}/api/v1/instances/{args.instance}",
+    status, text = await _retrying(session, "GET", f"{base}/api/v1/instances/{name}",
                                    deadline, headers=headers)
     if status == 200:
         return "exists"
     if status != 404:
-        raise SetupError(f"GET instance {args.instance!r} answered {status}: {text[:300]}")
-    body = {"name": args.instance, "agent_api_url": args.sandbox_url,
+        raise SetupError(f"GET instance {name!r} answered {status}: {text[:300]}")
+    body = {"name": name, "agent_api_url": args.sandbox_url,
             "evolution_url": args.sandbox_url, "agent_api_key": "demo-agent-key",
-            "evolution_api_key": "demo-evolution-key", "agent_timeout_s": 30,
-            # Plausible list prices (USD per million tokens) so the demo's cost panels and
-            # the cost-burn alert have figures to show.
-            "input_cost_per_mtok": 3, "output_cost_per_mtok": 15}
+            "evolution_api_key": "demo-evolution-key", "agent_timeout_s": 30}
+    if name == args.instance:
+        # Plausible list prices (USD per million tokens) so the demo's cost panels and
+        # the cost-burn alert have figures to show; the canary's messages cost nothing.
+        body.update(input_cost_per_mtok=3, output_cost_per_mtok=15)
     status, text = await _retrying(session, "POST", f"{base}/api/v1/instances", deadline,
                                    headers=headers, json=body)
     if status in (201, 409):  # 409: another process created it first
         return "created" if status == 201 else "exists"
-    raise SetupError(f"creating instance {args.instance!r} answered {status}: {text[:300]}")
+    raise SetupError(f"creating instance {name!r} answered {status}: {text[:300]}")
 
 
 # ---------------------------------------------------------------- sending
@@ -633,6 +636,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         outcome = await _unless_stopped(ensure_instance(session, args), stop)
         if outcome is None:
             return Stats(rng=rng).summary(0.0)
+        if args.canary_instance:
+            made = await _unless_stopped(ensure_instance(session, args, args.canary_instance), stop)
+            if made is None:
+                return Stats(rng=rng).summary(0.0)
+            print(f"loadgen: canary instance {args.canary_instance!r} {made}", file=sys.stderr, flush=True)
         print(f"loadgen: instance {args.instance!r} {outcome}; sending {args.rate:g}/s "
               f"to {args.url}", file=sys.stderr, flush=True)
         sender = Sender(session, args, rng)
@@ -682,6 +690,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=_non_negative, required=True,
                    help="seconds to send; 0 = until interrupted")
     p.add_argument("--instance", default="demo")
+    p.add_argument("--canary-instance", default=None,
+                   help="also create this instance against the sandbox, for the service's canary "
+                        "(AUTOMAGIK_OMNI_CANARY_INSTANCE); it gets no traffic from here")
     p.add_argument("--users", type=_positive(int), default=50, help="distinct senders")
     p.add_argument("--api-key", default=None,
                    help="gateway x-api-key (default $AUTOMAGIK_OMNI_API_KEY, or the file named "

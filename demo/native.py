@@ -7,6 +7,7 @@ Prometheus with the project's config and rules. Everything it started stops on e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from demo.processes import PgCluster, stop_process, wait_http
@@ -36,6 +39,20 @@ def _prometheus_config(run_dir: Path, omni_port: int, prom_port: int) -> Path:
     path = run_dir / "prometheus.yml"
     path.write_text(text)
     return path
+
+
+def _ensure_instance(omni_url: str, api_key: str, name: str, sandbox_url: str) -> None:
+    """Create an instance against the sandbox unless it exists."""
+    body = {"name": name, "agent_api_url": sandbox_url, "evolution_url": sandbox_url,
+            "agent_timeout_s": 30}
+    req = urllib.request.Request(omni_url + "/api/v1/instances", data=json.dumps(body).encode(),
+                                 method="POST", headers={"x-api-key": api_key,
+                                                         "Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:  # 409: it exists (a database kept from an earlier run)
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             cluster = PgCluster(fsync=True)
             db_url = cluster.create_database("omni")
         api_key = os.environ.get("AUTOMAGIK_OMNI_API_KEY") or secrets.token_urlsafe(24)
-        env = {**os.environ, "AUTOMAGIK_OMNI_DATABASE_URL": db_url, "AUTOMAGIK_OMNI_API_KEY": api_key,
-               "AUTOMAGIK_OMNI_HOST": "127.0.0.1", "AUTOMAGIK_OMNI_PORT": str(args.port)}
+        # The canary messages the `canary` instance (created below against the sandbox) every
+        # 30 s, as in the compose demo; AUTOMAGIK_OMNI_CANARY_INSTANCE= (empty) turns it off.
+        canary = os.environ.get("AUTOMAGIK_OMNI_CANARY_INSTANCE", "canary")
+        env = {"AUTOMAGIK_OMNI_CANARY_INTERVAL_S": "30", **os.environ,
+               "AUTOMAGIK_OMNI_DATABASE_URL": db_url, "AUTOMAGIK_OMNI_API_KEY": api_key,
+               "AUTOMAGIK_OMNI_HOST": "127.0.0.1", "AUTOMAGIK_OMNI_PORT": str(args.port),
+               "AUTOMAGIK_OMNI_CANARY_INSTANCE": canary}
         subprocess.run([sys.executable, "-m", "app", "migrate"], cwd=ROOT, env=env, check=True)
         sandbox_url = f"http://127.0.0.1:{args.sandbox_port}"
         box_env = {**env, "SANDBOX_HOST": "127.0.0.1", "SANDBOX_PORT": str(args.sandbox_port),
@@ -78,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                             env, run_dir / "omni.log"))
         omni_url = f"http://127.0.0.1:{args.port}"
         wait_http(omni_url + "/health", proc=procs[-1], timeout=60)
+        if canary:
+            _ensure_instance(omni_url, api_key, canary, sandbox_url)
         prom_url = None
         if shutil.which("prometheus"):
             cfg = _prometheus_config(run_dir, args.port, args.prometheus_port)
@@ -96,6 +120,7 @@ omni is running (Ctrl-C stops everything started here)
   API key     {api_key}
   traces      curl -H 'x-api-key: {api_key}' {omni_url}/api/v1/traces
   sandbox     {sandbox_url}   (replies sent: {sandbox_url}/sent)
+  canary      {f"instance {canary!r} every {env['AUTOMAGIK_OMNI_CANARY_INTERVAL_S']} s" if canary else 'off'}
   prometheus  {prom_url or 'not installed (apt-get install prometheus)'}
   database    {db_url}
   logs        {run_dir}/*.log

@@ -8,14 +8,20 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from pathlib import Path
 
 DASHBOARDS = ("omni-overview", "omni-traces", "omni-trace-detail", "omni-logs")
+SLO_RULES = Path(__file__).resolve().parent.parent / "prometheus" / "rules" / "omni-slo.rules.yml"
+# Recorded over 1 d, 3 d or 30 d (evaluated every 5 minutes, or read those): a stack minutes
+# old may not have them yet.
+LONG_WINDOW = re.compile(r"(1d|3d|30d|budget_remaining)$")
 
 
 class CheckFailed(Exception):
@@ -124,6 +130,65 @@ class Smoke:
         result = _wait("step histograms in Prometheus", self.a.timeout, probe)
         return "histograms for " + ", ".join(sorted(r["metric"]["step"] for r in result))
 
+    def _prom(self, path: str, **params) -> object:
+        url = f"{self.a.prometheus}/api/v1/{path}" + ("?" + urllib.parse.urlencode(params) if params else "")
+        status, body = _http("GET", url, headers=self.via_grafana.get("prometheus"))
+        if status != 200 or not isinstance(body, dict) or body.get("status") != "success":
+            raise CheckFailed(f"Prometheus {path} answered {status}: {str(body)[:200]}")
+        return body["data"]
+
+    def _value(self, expr: str) -> float | None:
+        result = self._prom("query", query=expr)["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def canary(self) -> str:
+        interval = self._value("max(omni_canary_interval_seconds)")
+        if not interval:
+            raise CheckFailed("no canary configured (omni_canary_interval_seconds is "
+                              f"{'absent' if interval is None else 0}): set AUTOMAGIK_OMNI_CANARY_INSTANCE")
+        expr = 'sum(omni_canary_runs_total{result="ok"})'
+        first = self._value(expr) or 0.0
+
+        def probe():
+            now = self._value(expr) or 0.0
+            return now if now > first else None
+
+        # Two intervals, plus a scrape, a run's own duration and a rule evaluation.
+        now = _wait(f"a new ok canary run ({expr} above {first:g})", max(self.a.timeout, 2 * interval + 45),
+                    probe)
+        return f"ok runs {first:g} -> {now:g} (every {interval:g} s)"
+
+    def slo_rules(self) -> str:
+        text = SLO_RULES.read_text()
+        groups = set(re.findall(r"^  - name: (\S+)", text, re.M))
+        records = set(re.findall(r"^\s+- record: (\S+)", text, re.M))
+        loaded = {g["name"]: g for g in self._prom("rules", type="record")["groups"] if g["name"] in groups}
+        if set(loaded) != groups:
+            raise CheckFailed(f"SLO rule groups not loaded: {sorted(groups - set(loaded))}")
+        rules = {r["name"]: r for g in loaded.values() for r in g["rules"]}
+        broken = {n: r.get("lastError") for n, r in rules.items() if r.get("health") == "err"}
+        if set(rules) != records or broken:
+            raise CheckFailed(f"SLO recording rules missing {sorted(records - set(rules))} "
+                              f"or failing {broken}")
+        required = {r for r in records if not LONG_WINDOW.search(r)}
+        names: set[str] = set()
+
+        def present():
+            result = self._prom("query", query='count by (__name__) ({__name__=~"omni:slo_.+"})')["result"]
+            names.clear()
+            names.update(r["metric"]["__name__"] for r in result)
+            return required <= names
+
+        try:
+            _wait("series of the SLO recording rules", self.a.timeout, present)
+        except CheckFailed:
+            # The error ratios have no sample without traffic in their window (docs/slo.md).
+            raise CheckFailed("no series of " + ", ".join(sorted(required - names))
+                              + " (no messages completed in the last minutes?)") from None
+        longs = records - required
+        return (f"{len(groups)} groups, {len(records)} recording rules; series of all "
+                f"{len(required)} up to 6 h, {len(longs & names)}/{len(longs)} of the 1 d-30 d ones")
+
     def loki(self) -> str:
         if not self.trace_id:
             raise CheckFailed("no message was sent (the message check must run first)")
@@ -199,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instance", default="smoke")
     p.add_argument("--timeout", type=float, default=60)
     p.add_argument("--alert-timeout", type=float, default=300)
+    p.add_argument("--no-canary", action="store_true",
+                   help="leave out the canary check (a stack without AUTOMAGIK_OMNI_CANARY_INSTANCE)")
     a = p.parse_args(argv)
     env = _env_file(a.env_file)
     a.api_key = a.api_key or env.get("AUTOMAGIK_OMNI_API_KEY", "")
@@ -206,13 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     a.agent_url = a.agent_url or ("http://sandbox:8890" if env else a.sandbox)
     smoke = Smoke(a)
     checks = [("health", a.omni, smoke.health), ("message", a.omni and a.api_key and a.agent_url, smoke.message),
-              ("prometheus", a.prometheus, smoke.prometheus), ("loki", a.loki, smoke.loki),
+              ("prometheus", a.prometheus, smoke.prometheus),
+              ("canary", a.prometheus and not a.no_canary, smoke.canary),
+              ("slo-rules", a.prometheus, smoke.slo_rules), ("loki", a.loki, smoke.loki),
               ("grafana", a.grafana and a.grafana_password, smoke.grafana),
               ("alert", a.grafana and a.sandbox, smoke.alert)]
     failed = 0
     for name, enabled, check in checks:
         if not enabled:
-            print(f"-    {name:<11} not checked (no URL or credentials given)")
+            why = "--no-canary" if name == "canary" and a.no_canary else "no URL or credentials given"
+            print(f"-    {name:<11} not checked ({why})")
             continue
         try:
             print(f"ok   {name:<11} {check()}", flush=True)

@@ -17,13 +17,14 @@ from app.config import Settings
 from app.pipeline.admission import Admission
 from app.pipeline.loop import LoopThread
 from app.pipeline.message import Message
-from app.telemetry.recorder import Recorder
+from app.telemetry.recorder import NullRecorder, Recorder
 from app.traces.store import FinishedTrace
 from app.traces.writer import TraceWriter
 from app.upstream import UpstreamError, call_agent, send_evolution_retrying
 from app.vocabulary import utcnow
 
 log = logging.getLogger("omni.pipeline")
+_QUIET = NullRecorder()
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,13 @@ async def agent_called(flow: "Flow", msg: Message) -> dict:
         msg.input_tokens, msg.output_tokens = reply.input_tokens, reply.output_tokens
         msg.agent_session_id = reply.session_id
         msg.cost_usd = msg.instance.cost_usd(reply.input_tokens, reply.output_tokens)
-        flow.recorder.agent_usage(msg.instance.name, msg.input_tokens, msg.output_tokens, msg.cost_usd)
+        flow.recorder_for(msg).agent_usage(msg.instance.name, msg.input_tokens, msg.output_tokens, msg.cost_usd)
     except Exception as exc:  # telemetry must not fail a message the agent answered
         log.warning("agent usage not recorded", extra={
             "event": "usage_failed", "trace_id": str(msg.trace_id), "error": str(exc)})
     if reply.first_chunk_s is None:
         return {}
-    flow.recorder.agent_first_chunk(msg.instance.name, reply.first_chunk_s)
+    flow.recorder_for(msg).agent_first_chunk(msg.instance.name, reply.first_chunk_s)
     return {"first_chunk_ms": int(round(reply.first_chunk_s * 1000))}
 
 
@@ -80,6 +81,11 @@ class Flow:
         self.writer = writer
         self.recorder = recorder
 
+    def recorder_for(self, msg: Message) -> Recorder:
+        """The recorder of a message's metrics: none for a canary's, so no SLO or business
+        figure counts it (the canary has metrics of its own)."""
+        return _QUIET if msg.synthetic else self.recorder
+
     def submit(self, msg: Message) -> None:
         """Hand an accepted message (slot already reserved) to the loop."""
         self.loop.spawn(self.process(msg))
@@ -99,7 +105,7 @@ class Flow:
         """The metric and the log line of one step entry."""
         step, status = entry["step"], entry["status"]
         if seconds is not None:
-            self.recorder.step(msg.instance.name, step, status, seconds)
+            self.recorder_for(msg).step(msg.instance.name, step, status, seconds)
         if self.settings.enable_detailed_logging and status != "skipped":
             log.log(logging.WARNING if status == "failed" else logging.INFO,
                     "step %s %s", step, status,
@@ -117,7 +123,7 @@ class Flow:
                 try:
                     extra = await step.run(self, msg)
                 except UpstreamError as exc:
-                    self.recorder.upstream_failed(step.upstream, exc.reason)
+                    self.recorder_for(msg).upstream_failed(step.upstream, exc.reason)
                     more = {"attempts": exc.attempts} if step.name == "evolution_send" else {}
                     self.record(msg, step.name, "failed", time.perf_counter() - t0, str(exc), **more)
                     self.finish(msg, "failed", step.name, str(exc))
@@ -156,7 +162,7 @@ class Flow:
                     sent_at=utcnow() if msg.reply_id else None,
                     input_tokens=msg.input_tokens, output_tokens=msg.output_tokens,
                     cost_usd=msg.cost_usd, agent_session_id=msg.agent_session_id))
-            self.recorder.message(msg.instance.name, status, seconds)
+            self.recorder_for(msg).message(msg.instance.name, status, seconds)
             self._log_final(msg, status, failed_step, error, duration_ms)
         finally:
             self.admission.release()
@@ -168,11 +174,14 @@ class Flow:
                   "duration_ms": duration_ms}
         if failed_step:
             fields.update(step=failed_step, error=error)
+        if msg.synthetic:
+            fields["synthetic"] = True
         if self.settings.log_message_content:
             fields.update(message_content=msg.text, response_content=msg.reply_text)
         level = logging.INFO if status == "completed" else logging.WARNING if status == "failed" else logging.ERROR
         log.log(level, "message %s in %d ms", status, duration_ms, extra=fields)
-        if duration_ms > self.settings.slow_message_seconds * 1000:
+        # A slow canary is reported by its own canary_run line, not among users' slow messages.
+        if duration_ms > self.settings.slow_message_seconds * 1000 and not msg.synthetic:
             log.warning("slow message: %d ms (threshold %g s)", duration_ms,
                         self.settings.slow_message_seconds,
                         extra={**fields, "event": "slow_message"})

@@ -37,6 +37,8 @@ class Message:
     output_tokens: int | None = None
     cost_usd: Decimal | None = None
     agent_session_id: str | None = None
+    # A canary's message (app/canary.py): traced and logged, counted only in the canary metrics.
+    synthetic: bool = False
 
     def record(self, step: str, status: str, seconds: float | None, error: str | None = None,
                **extra) -> dict:

@@ -29,7 +29,7 @@ from prometheus_client import (  # noqa: E402
 from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
 
 from app.vocabulary import (  # noqa: E402
-    AUTH_REASONS, FINAL_STATUSES, IGNORE_REASONS, RECEIPT_STATUSES, REJECT_REASONS, STEP_OUTCOMES,
+    AUTH_REASONS, CANARY_RESULTS, FINAL_STATUSES, IGNORE_REASONS, RECEIPT_STATUSES, REJECT_REASONS, STEP_OUTCOMES,
     STEPS, TOKEN_TYPES, UPSTREAM_REASONS)
 
 
@@ -94,6 +94,23 @@ COST_BUDGET = Gauge("omni_cost_budget_usd_per_day",
 BUILD_INFO = Gauge("omni_build_info", "Version of the running service.", ["version"],
                    multiprocess_mode="max")
 
+# The canary (app/canary.py). Its messages are counted here and in no other metric.
+# Like MESSAGE_BUCKETS (a canary is one message end to end), with exactly 10 for the slow line.
+CANARY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 60, 120)
+CANARY_RUNS = Counter("omni_canary_runs_total",
+                      "Canary runs by result: ok, slow (completed after the slow threshold), failed.",
+                      ["result"])
+CANARY_DURATION = Histogram("omni_canary_duration_seconds",
+                            "Duration of a canary's message as its trace records it (webhook to final "
+                            "status); the time waited when it never finished.", buckets=CANARY_BUCKETS)
+# 'max': every worker of a replica sets the same value; 0 tells the alert the canary is off.
+CANARY_INTERVAL = Gauge("omni_canary_interval_seconds",
+                        "Configured canary interval (0: no canary).", multiprocess_mode="max")
+# 'max' over workers and replicas: the latest run of each result wins, whoever ran it.
+CANARY_LAST_RUN = Gauge("omni_canary_last_run_timestamp_seconds",
+                        "Unix time of the last canary run with each result.", ["result"],
+                        multiprocess_mode="max")
+
 _seeded: set[str] = set()
 _seed_lock = threading.Lock()
 
@@ -117,6 +134,13 @@ def seed_static(version: str, cost_budget_usd_per_day: float = 0.0) -> None:
     for reason in AUTH_REASONS:
         AUTH_FAILURES.labels(reason=reason)
     LOG_RECORDS_DROPPED.inc(0)
+
+
+def seed_canary(interval_s: float | None) -> None:
+    """Create the canary's run counters at 0 and export its interval (None: no canary)."""
+    for result in CANARY_RESULTS:
+        CANARY_RUNS.labels(result=result)
+    CANARY_INTERVAL.set(interval_s or 0)
 
 
 _children: dict[tuple, Any] = {}

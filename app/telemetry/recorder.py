@@ -5,6 +5,7 @@ metrics are on: `recorder_for(settings)` hands out a NullRecorder when they are 
 """
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 from app.telemetry import metrics
@@ -81,6 +82,16 @@ class Recorder:
         """A message reached its final status."""
         child(metrics.MESSAGES, instance, status).inc()
         child(metrics.MESSAGE_DURATION, instance, status).observe(seconds)
+
+    def canary_configured(self, interval_s: float | None) -> None:
+        """The canary's run counters at 0 and its interval (None: no canary) for the alert."""
+        metrics.seed_canary(interval_s)
+
+    def canary_run(self, result: str, seconds: float) -> None:
+        """One canary run ended (ok, slow or failed)."""
+        child(metrics.CANARY_RUNS, result).inc()
+        metrics.CANARY_DURATION.observe(seconds)
+        child(metrics.CANARY_LAST_RUN, result).set(time.time())
 
     def reply_receipt(self, instance: str, status: str, seconds: float) -> None:
         """The first delivery or read receipt of a reply we sent."""

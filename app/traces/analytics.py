@@ -20,6 +20,8 @@ Where the figures come from (sql/006_analytics_rollup.sql):
   (percentile_cont over the rows) when the period holds at most EXACT_PERCENTILE_MAX finished
   messages; above that they come from the histograms, interpolated inside the bucket, within
   about 1 % of percentile_cont.
+* Canary traces (`synthetic`, app/canary.py) are in none of these figures: the rollup
+  triggers skip them (sql/011) and every read of message_trace here leaves them out.
 """
 from __future__ import annotations
 
@@ -227,6 +229,8 @@ def queries(p: Period, *, instance: str | None, interval: str, top: int, slow_ms
                     "slow_ms": slow_ms}
     q = _Sql(params)
     inst = "(%(instance)s::text IS NULL OR instance_name = %(instance)s)"
+    # Rows of message_trace itself: canary traces are no business (the rollups skip them too).
+    raw = f"{inst} AND NOT synthetic"
     slow_col = "slow_n" if slow_ms == ROLLUP_SLOW_MS else "0::bigint"
 
     # --- counts per (hour, instance, status): rollup + raw edges + processing rows ---------
@@ -249,7 +253,7 @@ def queries(p: Period, *, instance: str | None, interval: str, top: int, slow_ms
                    coalesce(sum(duration_ms), 0) AS duration_sum,
                    count(*) FILTER (WHERE duration_ms > %(slow_ms)s) AS slow_n,
                    {_RAW_USAGE}
-            FROM message_trace WHERE {inst} AND {raw_counts}
+            FROM message_trace WHERE {raw} AND {raw_counts}
             GROUP BY 1, 2, 3)
         SELECT 'i' AS part, instance_name, status, NULL::timestamptz AS bucket, NULL::int AS hod,
                sum(messages) AS m, sum(duration_n) AS dn, sum(duration_sum) AS ds, sum(slow_n) AS sn,
@@ -286,7 +290,7 @@ def queries(p: Period, *, instance: str | None, interval: str, top: int, slow_ms
               WHERE x->>'duration_ms' IS NOT NULL AND x->>'step' IS NOT NULL) e""")
     hist_sql = f"""
         WITH r AS (SELECT duration_ms, steps FROM message_trace
-                   WHERE {inst} AND {_FINAL} AND {q.ranges(raw_h)})
+                   WHERE {raw} AND {_FINAL} AND {q.ranges(raw_h)})
         SELECT kind, bucket, sum(n) AS n, sum(ms_sum) AS ms_sum
         FROM ({" UNION ALL ".join(hist_parts)}) h
         GROUP BY kind, bucket HAVING sum(n) <> 0 ORDER BY kind, bucket"""
@@ -300,7 +304,7 @@ def queries(p: Period, *, instance: str | None, interval: str, top: int, slow_ms
         raw_user_cond = (f"({raw_user_cond} OR (status = 'processing' AND "
                          f"{q.ranges([(days[0], days[1], False)])}))")
     user_parts.append(f"""SELECT user_id, count(*) AS n, {_RAW_USAGE} FROM message_trace
-        WHERE {inst} AND {raw_user_cond} GROUP BY user_id""")
+        WHERE {raw} AND {raw_user_cond} GROUP BY user_id""")
     users_sql = f"""
         SELECT user_id, sum(n) AS total, sum(input_tokens) AS it, sum(output_tokens) AS ot,
                sum(usage_n) AS un, sum(cost_usd) AS cu, sum(cost_n) AS cn
@@ -309,15 +313,15 @@ def queries(p: Period, *, instance: str | None, interval: str, top: int, slow_ms
 
     whole = q.ranges([(start, end, True)])
     slow_sql = f"""SELECT count(*) AS n FROM message_trace
-        WHERE {inst} AND {whole} AND duration_ms > %(slow_ms)s"""
+        WHERE {raw} AND {whole} AND duration_ms > %(slow_ms)s"""
     exact_sql = f"""
         SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration_ms) AS pct
-        FROM message_trace WHERE {inst} AND {whole} AND status <> 'processing'"""
+        FROM message_trace WHERE {raw} AND {whole} AND status <> 'processing'"""
     exact_steps_sql = f"""
         SELECT x->>'step' AS step,
                percentile_cont(0.95) WITHIN GROUP (ORDER BY (x->>'duration_ms')::numeric) AS p95
         FROM message_trace, jsonb_array_elements(steps) AS x
-        WHERE {inst} AND {whole} AND status <> 'processing' AND x->>'duration_ms' IS NOT NULL
+        WHERE {raw} AND {whole} AND status <> 'processing' AND x->>'duration_ms' IS NOT NULL
         GROUP BY 1"""
 
     return Queries(counts_sql, hist_sql, users_sql, slow_sql, exact_sql, exact_steps_sql, params)

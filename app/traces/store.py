@@ -17,7 +17,7 @@ PURGE_LOCK_WAIT_MS = 600_000
 TRACE_COLUMNS = """trace_id, instance_id, instance_name, user_id, message_content, response_content,
     status, duration_ms, created_at, updated_at, steps, failed_step, error_message,
     message_type, remote_jid, platform_timestamp, reply_message_id, rc.delivered_at, rc.read_at,
-    input_tokens, output_tokens, cost_usd::float8 AS cost_usd, agent_session_id"""
+    input_tokens, output_tokens, cost_usd::float8 AS cost_usd, agent_session_id, synthetic"""
 # Receipts live in message_reply (sql/009); one primary-key probe per trace shown.
 TRACE_FROM = """message_trace LEFT JOIN LATERAL (
         SELECT r.delivered_at, r.read_at FROM message_reply r
@@ -43,10 +43,10 @@ _REPLY_SQL = """INSERT INTO message_reply AS m (instance_id, reply_message_id, t
         SET trace_id = EXCLUDED.trace_id, sent_at = EXCLUDED.sent_at"""
 _INSERT_SQL = """INSERT INTO message_trace (trace_id, instance_id, instance_name, message_id,
         user_id, message_content, status, created_at, updated_at, steps, owner,
-        message_type, remote_jid, platform_timestamp)
+        message_type, remote_jid, platform_timestamp, synthetic)
     SELECT (r->>0)::uuid, (r->>1)::int, r->>2, r->>3, r->>4, r->>5, 'processing',
            (r->>6)::timestamptz, (r->>6)::timestamptz, r->7, r->>8,
-           r->>9, r->>10, (r->>11)::timestamptz
+           r->>9, r->>10, (r->>11)::timestamptz, coalesce((r->>12)::boolean, false)
     FROM jsonb_array_elements(%(new)s::jsonb) AS r
     ON CONFLICT (instance_id, message_id) DO NOTHING
     RETURNING instance_id, message_id, trace_id"""
@@ -71,6 +71,20 @@ _DELETE_REPLIES_SQL = """DELETE FROM message_reply WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM message_reply WHERE created_at < %(cutoff)s LIMIT %(batch)s))"""
 _PROCESSING_OWNERS_SQL = """SELECT DISTINCT owner FROM message_trace
     WHERE status = 'processing' AND owner LIKE %(h)s"""
+# The canary's one-row lease (sql/011): one claimant per interval across every worker and
+# replica, no lock held between statements.
+_CANARY_CLAIM_SQL = """
+INSERT INTO canary_lease AS l (id, next_run_at, runs, holder, claimed_at)
+VALUES (true, now() + make_interval(secs => %(interval)s), 1, %(holder)s, now())
+ON CONFLICT (id) DO UPDATE SET
+    next_run_at = CASE WHEN l.next_run_at + make_interval(secs => %(interval)s) > now()
+                       THEN l.next_run_at + make_interval(secs => %(interval)s)
+                       ELSE now() + make_interval(secs => %(interval)s) END,
+    runs = l.runs + 1, holder = EXCLUDED.holder, claimed_at = now()
+WHERE l.next_run_at <= now()
+RETURNING runs"""
+_CANARY_DONE_SQL = """UPDATE canary_lease SET last_result = %(result)s, last_trace_id = %(trace_id)s,
+    finished_at = now() WHERE id"""
 REPLIES_SQL = """SELECT instance_id, reply_message_id, trace_id, sent_at, delivered_at, read_at
     FROM message_reply
     WHERE (instance_id, reply_message_id) IN (
@@ -116,6 +130,7 @@ class NewTrace:
     message_type: str | None = None
     remote_jid: str | None = None
     platform_timestamp: dt.datetime | None = None
+    synthetic: bool = False  # a canary's message (app/canary.py)
 
 
 @dataclass
@@ -216,7 +231,8 @@ class TraceStore:
             params["new"] = rows_json([
                 [str(r.trace_id), r.instance_id, r.instance_name, r.message_id, r.user_id,
                  r.message_content, r.created_at.isoformat(), r.steps, r.owner, r.message_type,
-                 r.remote_jid, r.platform_timestamp.isoformat() if r.platform_timestamp else None]
+                 r.remote_jid, r.platform_timestamp.isoformat() if r.platform_timestamp else None,
+                 r.synthetic]
                 for r in rows])
         if not params:
             return {}
@@ -291,6 +307,15 @@ class TraceStore:
     def processing_owners(self, host: str) -> list[str]:
         """The owners (host:pid) on this host that still have rows processing."""
         return [row["owner"] for row in self.db.fetchall(_PROCESSING_OWNERS_SQL, {"h": host + ":%"})]
+
+    def claim_canary_run(self, interval_s: float, holder: str) -> int | None:
+        """The number of the canary run this caller claimed, or None when none is due."""
+        row = self.db.fetchone(_CANARY_CLAIM_SQL, {"interval": interval_s, "holder": holder})
+        return None if row is None else int(row["runs"])
+
+    def canary_run_done(self, result: str, trace_id: str | None) -> None:
+        """Record the last canary run's result on the lease row, for operators."""
+        self.db.execute(_CANARY_DONE_SQL, {"result": result, "trace_id": trace_id})
 
     # --- reads ---------------------------------------------------------------------------
 

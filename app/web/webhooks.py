@@ -9,7 +9,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import evolution
+from app import canary, evolution
 from app.web.auth import client_ip
 from app.db import DatabaseError, DatabaseUnavailable
 from app.web import jsonsafe
@@ -158,10 +158,12 @@ def _accept(rt: Runtime, inst, inbound: evolution.Inbound, user_id: str, digits:
             received_at: dt.datetime, started: float, t_received: float, t_validated: float):
     settings = rt.settings
     admission = rt.admission
-    rt.recorder.instance_seen(inst.name)
+    synthetic = canary.is_synthetic(inst.name, inbound.message_id, settings.api_key)
+    if not synthetic:
+        rt.recorder.instance_seen(inst.name)
     msg = Message(trace_id=new_trace_id(), instance=inst, user_id=user_id, digits=digits,
                   text=inbound.text, received_at=received_at, started=started,
-                  reply_number=inbound.reply_number)
+                  reply_number=inbound.reply_number, synthetic=synthetic)
     fields = {"message_id": inbound.message_id}
     timings = dict(zip(INTAKE_STEPS, (t_received, t_validated)))
     for step, seconds in timings.items():
@@ -178,7 +180,7 @@ def _accept(rt: Runtime, inst, inbound: evolution.Inbound, user_id: str, digits:
                            message_content=msg.text if settings.store_message_content else None,
                            created_at=received_at, steps=list(msg.steps), owner=rt.owner,
                            message_type=inbound.message_type, remote_jid=inbound.remote_jid,
-                           platform_timestamp=inbound.platform_ts)
+                           platform_timestamp=inbound.platform_ts, synthetic=synthetic)
             pending = rt.writer.insert(row)
             trace_id, inserted = pending.result(timeout=COMMIT_WAIT_S)
         else:
@@ -207,7 +209,7 @@ def _accept(rt: Runtime, inst, inbound: evolution.Inbound, user_id: str, digits:
         return jsonify(status="duplicate", trace_id=str(trace_id)), 200
     rt.flow.emit_steps(msg, timings)
     if inbound.platform_ts is not None:
-        rt.recorder.webhook_lag(inst.name, (received_at - inbound.platform_ts).total_seconds())
+        rt.flow.recorder_for(msg).webhook_lag(inst.name, (received_at - inbound.platform_ts).total_seconds())
     rt.flow.submit(msg)
     return jsonify(status="accepted", trace_id=str(msg.trace_id), instance=inst.name), 202
 

@@ -28,7 +28,7 @@ TRACE_KEYS = {"trace_id", "instance_id", "instance_name", "user_id", "message_co
               "response_content", "status", "duration_ms", "created_at", "updated_at",
               "failed_step", "error_message", "steps", "message_type", "remote_jid",
               "platform_timestamp", "reply_message_id", "delivered_at", "read_at",
-              "input_tokens", "output_tokens", "cost_usd", "agent_session_id"}
+              "input_tokens", "output_tokens", "cost_usd", "agent_session_id", "synthetic"}
 Z_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 
 psycopg2.extras.register_uuid()

@@ -161,6 +161,8 @@ SLO_KEY_PANELS = {
     ("omni-slo.json", "Latency burn rate by window"),
     ("omni-slo.json", "Availability error ratio"),
     ("omni-slo.json", "Availability objective"),
+    # Seeded at 0 in every worker, canary or not (tests/test_canary.py scrapes real runs).
+    ("omni-slo.json", "Canary runs by result"),
 }
 
 

@@ -11,11 +11,12 @@ def _smoke(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_smoke_passes_on_service_prometheus_and_sandbox(service, prometheus):
+    # The session service runs no canary; tests/test_canary.py smoke-checks one that does.
     run = _smoke("--omni", service.url, "--api-key", service.api_key, "--sandbox", service.sandbox.url,
-                 "--prometheus", prometheus.url, "--timeout", "30")
+                 "--prometheus", prometheus.url, "--timeout", "30", "--no-canary")
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
-    for name in ("health", "message", "prometheus"):
+    for name in ("health", "message", "prometheus", "slo-rules"):
         assert any(line.startswith(f"ok   {name}") for line in lines), run.stdout
     assert any("loki" in line and "not checked" in line for line in lines)
 

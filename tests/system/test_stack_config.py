@@ -780,6 +780,58 @@ def _failure_cases(rules: dict) -> list[dict]:
                           {"series": mem % ("1", "b:8882"), "values": f"{200 * mib}x40"},
                           {"series": mem % ("2", "b:8882"), "values": f"{200 * mib}x40"}],
          "alert_rule_test": [_alert(memory, rules, "9m", False)]},
+    ] + _canary_cases(rules)
+
+
+def _canary_series(minutes: list[str | None], extra: int = 0) -> list[dict]:
+    """Counters of one canary run a minute (None: no run that minute), sampled every 15 s,
+    each run counted at its minute's first sample; configured at 60 s."""
+    values = {"ok": [], "slow": [], "failed": []}
+    counts = dict.fromkeys(values, 0)
+    for result in minutes + [None] * extra:
+        if result is not None:
+            counts[result] += 1
+        for name in values:
+            values[name] += [str(counts[name])] * 4
+    return [{"series": f'omni_canary_runs_total{{result="{name}"}}', "values": " ".join(v)}
+            for name, v in values.items()] + \
+        [{"series": "omni_canary_interval_seconds", "values": f"60x{4 * (len(minutes) + extra)}"}]
+
+
+def _canary_cases(rules: dict) -> list[dict]:
+    can = "omni-canary-failing"
+    ok = ["ok"] * 10
+    return [
+        {"name": "a canary failing from minute 10 pages within 8 minutes, and keeps firing a while after",
+         "interval": "15s", "input_series": _canary_series(ok + ["failed"] * 15 + ok),
+         "alert_rule_test": [_alert(can, rules, "9m", False), _alert(can, rules, "14m", False),
+                             _alert(can, rules, "17m", True), _alert(can, rules, "25m", True),
+                             _alert(can, rules, "27m", True), _alert(can, rules, "32m", False)]},
+        {"name": "a canary that stopped running (configured, no runs) pages too", "interval": "15s",
+         "input_series": _canary_series(ok + [None] * 15),
+         "alert_rule_test": [_alert(can, rules, "14m", False), _alert(can, rules, "17m", True)]},
+        {"name": "a healthy canary does not fire", "interval": "15s",
+         "input_series": _canary_series(ok * 3),
+         "alert_rule_test": [_alert(can, rules, "5m", False), _alert(can, rules, "29m", False)]},
+        {"name": "slow runs prove the path works: no page", "interval": "15s",
+         "input_series": _canary_series(["slow"] * 30),
+         "alert_rule_test": [_alert(can, rules, "29m", False)]},
+        {"name": "a single failed run amid ok ones does not fire", "interval": "15s",
+         "input_series": _canary_series(ok + ["failed"] + ok + [None, "failed", "ok"] * 3),
+         "alert_rule_test": [_alert(can, rules, f"{m}m", False) for m in range(10, 30, 2)]},
+        {"name": "a restart (counters back to 0, the first run before the first scrape) does not fire",
+         "interval": "15s",
+         "input_series": [{"series": 'omni_canary_runs_total{result="ok"}',
+                           "values": " ".join(f"{n // 4 + 1}" for n in range(40)) + " _ _ "
+                           + " ".join(f"{n // 4 + 1}" for n in range(60))},
+                          {"series": "omni_canary_interval_seconds", "values": "60x40 _ _ 60x60"}],
+         "alert_rule_test": [_alert(can, rules, f"{m}m", False) for m in range(6, 25, 2)]},
+        {"name": "no canary configured (interval 0, or no interval series) does not fire", "interval": "15s",
+         "input_series": [{"series": 'omni_canary_runs_total{result="ok"}', "values": "0x120"},
+                          {"series": "omni_canary_interval_seconds", "values": "0x120"},
+                          {"series": 'omni_canary_runs_total{result="failed", replica="old"}',
+                           "values": "0+1x120"}],
+         "alert_rule_test": [_alert(can, rules, "20m", False)]},
     ]
 
 
@@ -787,7 +839,7 @@ def test_failure_mode_alerts_with_promtool(tmp_path):
     rules = {uid: _as_prometheus(rule) for uid, rule in _rules_of(FAILURE_ALERTS).items()}
     assert set(rules) == {"omni-database-unreachable", "omni-webhooks-overloaded",
                           "omni-log-records-dropped", "omni-loki-down", "omni-scrape-failing",
-                          "omni-worker-memory-high", "omni-receipts-missing"}
+                          "omni-worker-memory-high", "omni-receipts-missing", "omni-canary-failing"}
     _promtool_alert_tests(tmp_path, rules, _failure_cases(rules), "15s", ["omni-limits.rules.yml"])
 
 
