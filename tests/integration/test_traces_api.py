@@ -17,11 +17,12 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
+from app.vocabulary import STEPS
 from tests.support import API_KEY, migrate
 
 H = {"x-api-key": API_KEY}
 UTC = dt.timezone.utc
-STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
+
 INSTANCES = {"alpha": 1, "beta": 2, "gamma": 3}
 USERS = [f"whatsapp:+55155500000{i:02d}" for i in range(12)]
 TRACE_KEYS = {"trace_id", "instance_id", "instance_name", "user_id", "message_content",

@@ -23,13 +23,13 @@ import psutil
 import pytest
 import requests
 
+from app.vocabulary import FINAL_STATUSES as FINAL
 from demo.loki_receiver import LokiReceiver
-from tests.support import (PYTHON, ROOT, Service, free_port, metric, migrate,
-                           parse_metrics, rows, wait_http, webhook)
+from tests.support import PYTHON, ROOT, Service, free_port, metric, migrate, parse_metrics, rows, wait_http, webhook
 
 pytestmark = pytest.mark.fault
 
-FINAL = ("completed", "failed", "error")
+
 # The PostgreSQL outage of issue 6: 30 s, well past the instance cache (5 s), the writer's
 # back-off (1 s) and the pool's reconnects.
 OUTAGE_S = 30.0

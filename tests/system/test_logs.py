@@ -8,11 +8,11 @@ import uuid
 
 import requests
 
+from app.vocabulary import STEPS
 from demo.loki_receiver import LokiReceiver
 from tests.support import metric, parse_metrics
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
 
 
 def _final(svc, instance: str, text: str, **kw) -> dict:

@@ -6,9 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from app.vocabulary import STEPS
 from tests.support import metric, parse_metrics
-
-STEPS = ("webhook_received", "instance_validated", "agent_called", "evolution_send")
 
 
 def _send_many(svc, instance: str, n: int, prefix: str = "m") -> list[dict]:
