@@ -35,7 +35,7 @@ TRACES_UID = "traces"
 
 # A value per dashboard variable for running the queries outside Grafana.
 SAMPLE_VALUES: dict[str, str] = {
-    "instance": ".*",            # the "All" value (allValue) of the instance variables
+    "instance_name": ".*",       # the "All" value (allValue) of the instance_name variables
     "status": ".*",
     "min_duration_ms": "0",
     "bucket": "day",

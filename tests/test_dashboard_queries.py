@@ -142,7 +142,7 @@ def test_cost_panels_see_priced_traffic(service, sandbox, grafana_reader_url):
     assert want > 0
     panels = {q.panel: q for q in SQL_QUERIES if q.source == "omni-traces.json"}
     # The time range ends a minute ahead: the macros drop sub-second precision.
-    args = {"values": {"instance": "dash-priced"},
+    args = {"values": {"instance_name": "dash-priced"},
             "time_to": datetime.now(timezone.utc) + timedelta(minutes=1)}
     with _connect(grafana_reader_url) as conn, conn.cursor() as cur:
         cur.execute(panels["Agent cost"].expanded(**args))

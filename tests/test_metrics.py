@@ -25,10 +25,10 @@ def test_one_scrape_counts_exactly_n_over_two_workers(make_service):
     traces = _send_many(svc, "count", n)
     assert all(t["status"] == "completed" for t in traces)
     samples = parse_metrics(svc.metrics_text())
-    assert metric(samples, "omni_messages_total", instance="count", status="completed") == n
-    assert metric(samples, "omni_message_duration_seconds_count", instance="count") == n
+    assert metric(samples, "omni_messages_total", instance_name="count", status="completed") == n
+    assert metric(samples, "omni_message_duration_seconds_count", instance_name="count") == n
     for step in STEPS:
-        assert metric(samples, "omni_message_step_duration_seconds_count", instance="count",
+        assert metric(samples, "omni_message_step_duration_seconds_count", instance_name="count",
                       step=step, status="success") == n, step
     # Both workers are alive and report their resources (one series per pid).
     pids = {dict(lbl)["pid"] for (name, lbl) in samples if name == "omni_worker_resident_memory_bytes"}
@@ -49,12 +49,12 @@ def test_known_series_start_at_zero(make_service):
     svc.ensure_instance("fresh", svc.sandbox.url)
     _send_many(svc, "fresh", 1)
     samples = parse_metrics(svc.metrics_text())
-    assert ("omni_messages_total", frozenset({("instance", "fresh"), ("status", "failed")})) in samples
-    assert metric(samples, "omni_messages_total", instance="fresh", status="failed") == 0
+    assert ("omni_messages_total", frozenset({("instance_name", "fresh"), ("status", "failed")})) in samples
+    assert metric(samples, "omni_messages_total", instance_name="fresh", status="failed") == 0
     # No prices on the instance: its cost series exists and stays 0 while tokens count.
-    assert ("omni_agent_cost_usd_total", frozenset({("instance", "fresh")})) in samples
-    assert metric(samples, "omni_agent_cost_usd_total", instance="fresh") == 0
-    assert metric(samples, "omni_agent_tokens_total", instance="fresh", type="input") > 0
+    assert ("omni_agent_cost_usd_total", frozenset({("instance_name", "fresh")})) in samples
+    assert metric(samples, "omni_agent_cost_usd_total", instance_name="fresh") == 0
+    assert metric(samples, "omni_agent_tokens_total", instance_name="fresh", type="input") > 0
 
 
 def test_labels_have_no_high_cardinality_values(service, traffic):
@@ -85,8 +85,8 @@ def test_worker_restarts_keep_counts_and_do_not_pile_up_files(make_service):
     for chunk in range(4):
         _send_many(svc, "recycle", n // 4, prefix=f"c{chunk}")
     samples = parse_metrics(svc.metrics_text())
-    assert metric(samples, "omni_messages_total", instance="recycle", status="completed") == n
-    assert metric(samples, "omni_message_step_duration_seconds_count", instance="recycle",
+    assert metric(samples, "omni_messages_total", instance_name="recycle", status="completed") == n
+    assert metric(samples, "omni_message_step_duration_seconds_count", instance_name="recycle",
                   step="agent_called", status="success") == n
     assert not first_pids & set(svc.worker_pids()), "workers were not recycled"
     files = [f for f in os.listdir(svc.metrics_dir) if f.endswith(".db")]
@@ -133,7 +133,7 @@ def test_multiprocess_mode_without_the_variable_set(make_service):
     svc.ensure_instance("plain", svc.sandbox.url)
     _send_many(svc, "plain", 30)
     samples = parse_metrics(svc.metrics_text())
-    assert metric(samples, "omni_messages_total", instance="plain", status="completed") == 30
+    assert metric(samples, "omni_messages_total", instance_name="plain", status="completed") == 30
     assert any(f.startswith("counter_") for f in os.listdir(port_dir))
 
 
@@ -158,5 +158,5 @@ def test_cached_children_are_the_labelled_series():
 
     a = metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "success")
     assert a is metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "success")
-    assert a is metrics.STEP_DURATION.labels(instance="cache-test", step="agent_called", status="success")
+    assert a is metrics.STEP_DURATION.labels(instance_name="cache-test", step="agent_called", status="success")
     assert a is not metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "failed")

@@ -252,14 +252,52 @@ def test_promtool_check_configs(tmp_path):
     assert f"{rule_files} rule files found" in res.stdout + res.stderr
 
 
-def test_prometheus_keeps_omni_instance_label():
-    for name in ("prometheus.yml", "prometheus.scale.yml", "prometheus.native.yml"):
+PROMETHEUS_CONFIGS = ("prometheus.yml", "prometheus.scale.yml", "prometheus.native.yml")
+# The metrics labelled with the WhatsApp instance (SPEC 5).
+INSTANCE_NAME_METRICS = {
+    "omni_messages_total", "omni_message_duration_seconds", "omni_message_step_duration_seconds",
+    "omni_agent_first_chunk_seconds", "omni_agent_tokens_total", "omni_agent_cost_usd_total",
+    "omni_webhook_lag_seconds", "omni_reply_receipt_seconds",
+}
+
+
+def test_prometheus_keeps_its_own_instance_label():
+    # honor_labels is for federation: on a direct scrape it would let a scraped label
+    # replace the target's `instance`.
+    for name in PROMETHEUS_CONFIGS:
         cfg = yaml.safe_load((ROOT / "prometheus" / name).read_text())
+        for job in cfg["scrape_configs"]:
+            assert "honor_labels" not in job, f"{name}: job {job['job_name']} sets honor_labels"
         jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
-        assert jobs["omni"].get("honor_labels") is True, name
         assert jobs["omni"].get("metrics_path", "/metrics") == "/metrics"
     compose_cfg = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
     assert {"omni", "prometheus", "loki", "grafana"} <= {j["job_name"] for j in compose_cfg["scrape_configs"]}
+
+
+def _omni_metrics() -> dict[str, tuple[str, ...]]:
+    """{metric name: label names} of every omni_ metric app/telemetry/metrics.py declares."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from app.telemetry import metrics
+
+    found = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase) and value._name.startswith("omni_"):
+            # Counters drop their _total suffix in _name; the exposed name keeps it.
+            name = value._name + ("_total" if value._type == "counter" else "")
+            found[name] = tuple(value._labelnames)
+    return found
+
+
+def test_no_omni_metric_has_an_instance_label():
+    declared = _omni_metrics()
+    assert len(declared) >= 20, sorted(declared)
+    for name, labels in declared.items():
+        assert "instance" not in labels, f"{name} declares `instance`, Prometheus's target label"
+        assert "exported_instance" not in labels, name
+    for name in INSTANCE_NAME_METRICS:
+        assert declared[name][0] == "instance_name", f"{name}: labels {declared[name]}"
+    assert {n for n, labels in declared.items() if "instance_name" in labels} == INSTANCE_NAME_METRICS
 
 
 def test_promtool_check_rules():
@@ -311,10 +349,10 @@ def _alert(uid: str, rules: dict, eval_time: str, firing: bool) -> dict:
 def _alert_test_cases(rules: dict) -> list[dict]:
     slow, fail, down, auth, cost = ("omni-slow-messages", "omni-high-failure-rate", "omni-service-down",
                                     "omni-auth-failures-burst", "omni-cost-burn")
-    count = 'omni_message_duration_seconds_count{instance="bot",status="completed"}'
-    b10 = 'omni_message_duration_seconds_bucket{instance="bot",status="completed",le="%s"}'
-    msgs = 'omni_messages_total{instance="bot",status="%s"}'
-    spent = 'omni_agent_cost_usd_total{instance="bot"}'
+    count = 'omni_message_duration_seconds_count{instance_name="bot",status="completed"}'
+    b10 = 'omni_message_duration_seconds_bucket{instance_name="bot",status="completed",le="%s"}'
+    msgs = 'omni_messages_total{instance_name="bot",status="%s"}'
+    spent = 'omni_agent_cost_usd_total{instance_name="bot"}'
     budget = 'omni_cost_budget_usd_per_day{job="omni",instance="omni:8882"}'
     # 0.05 USD every 15 s: 12 USD an hour, 288 USD a day at that pace.
     burn = {"series": spent, "values": "0+0.05x400"}
@@ -618,9 +656,9 @@ def _slo_cases(rules: dict) -> list[dict]:
     6 h fill the 6 h window; a 2-minute blip needs 10 h (2/600 stays under the 1x budget
     rate of 0.5 %)."""
     history, blip_history = 360, 600
-    msgs = 'omni_messages_total{instance="bot",status="%s"}'
-    count = 'omni_message_duration_seconds_count{instance="bot",status="completed"}'
-    fast = 'omni_message_duration_seconds_bucket{instance="bot",status="completed",le="10"}'
+    msgs = 'omni_messages_total{instance_name="bot",status="%s"}'
+    count = 'omni_message_duration_seconds_count{instance_name="bot",status="completed"}'
+    fast = 'omni_message_duration_seconds_bucket{instance_name="bot",status="completed",le="10"}'
     a4xx = 'omni_upstream_errors_total{upstream="agent",reason="http_4xx"}'
     uids = sorted(rules)
 
@@ -723,15 +761,15 @@ def _failure_cases(rules: dict) -> list[dict]:
                                             "omni-log-records-dropped", "omni-loki-down",
                                             "omni-scrape-failing", "omni-worker-memory-high")
     rec = "omni-receipts-missing"
-    done = 'omni_messages_total{instance="bot",status="completed"}'
-    acks = 'omni_reply_receipt_seconds_count{instance="bot",status="delivered"}'
+    done = 'omni_messages_total{instance_name="bot",status="completed"}'
+    acks = 'omni_reply_receipt_seconds_count{instance_name="bot",status="delivered"}'
     return [
         {"name": "replies sent and no receipt for 30 minutes fire", "interval": "1m",
          "input_series": [{"series": done, "values": "0+2x80"}, {"series": acks, "values": "0x80"}],
          "alert_rule_test": [_alert(rec, rules, "5m", False), _alert(rec, rules, "40m", True)]},
         {"name": "receipts coming back, or no traffic at all, do not fire", "interval": "1m",
          "input_series": [{"series": done, "values": "0+2x80"}, {"series": acks, "values": "0+2x80"},
-                          {"series": 'omni_messages_total{instance="quiet",status="completed"}', "values": "0x80"}],
+                          {"series": 'omni_messages_total{instance_name="quiet",status="completed"}', "values": "0x80"}],
          "alert_rule_test": [_alert(rec, rules, "60m", False)]},
         {"name": "a quiet hour does not fire", "interval": "1m",
          "input_series": [{"series": done, "values": "0x80"}, {"series": acks, "values": "0x80"}],

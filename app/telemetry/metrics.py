@@ -59,20 +59,20 @@ RECEIPT_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 RECEIPT_STATUSES = ("delivered", "read")
 
 MESSAGES = Counter("omni_messages_total", "Messages that reached a final status.",
-                   ["instance", "status"])
+                   ["instance_name", "status"])
 MESSAGE_DURATION = Histogram("omni_message_duration_seconds",
                              "End-to-end time from webhook to final status.",
-                             ["instance", "status"], buckets=MESSAGE_BUCKETS)
+                             ["instance_name", "status"], buckets=MESSAGE_BUCKETS)
 STEP_DURATION = Histogram("omni_message_step_duration_seconds",
                           "Time spent in each processing step.",
-                          ["instance", "step", "status"], buckets=STEP_BUCKETS)
+                          ["instance_name", "step", "status"], buckets=STEP_BUCKETS)
 AGENT_FIRST_CHUNK = Histogram("omni_agent_first_chunk_seconds",
                               "Time from the agent call to its first streamed chunk.",
-                              ["instance"], buckets=STEP_BUCKETS)
+                              ["instance_name"], buckets=STEP_BUCKETS)
 AGENT_TOKENS = Counter("omni_agent_tokens_total", "Tokens the agent reported using, by type.",
-                       ["instance", "type"])
+                       ["instance_name", "type"])
 AGENT_COST = Counter("omni_agent_cost_usd_total",
-                     "Cost of the agent's tokens in USD, at the instance's prices.", ["instance"])
+                     "Cost of the agent's tokens in USD, at the instance's prices.", ["instance_name"])
 TOKEN_TYPES = ("input", "output")
 HTTP_DURATION = Histogram("omni_http_request_duration_seconds",
                           "HTTP requests served, by route template.",
@@ -82,10 +82,10 @@ WEBHOOK_IGNORED = Counter("omni_webhook_ignored_total",
                           "Valid Evolution webhooks answered 200 ignored, by reason.", ["reason"])
 WEBHOOK_LAG = Histogram("omni_webhook_lag_seconds",
                         "Arrival here minus WhatsApp's messageTimestamp, per accepted message.",
-                        ["instance"], buckets=LAG_BUCKETS)
+                        ["instance_name"], buckets=LAG_BUCKETS)
 REPLY_RECEIPT = Histogram("omni_reply_receipt_seconds",
                           "From our send of a reply to its delivery or read receipt.",
-                          ["instance", "status"], buckets=RECEIPT_BUCKETS)
+                          ["instance_name", "status"], buckets=RECEIPT_BUCKETS)
 UPSTREAM_ERRORS = Counter("omni_upstream_errors_total", "Failed calls to a dependency.",
                           ["upstream", "reason"])
 AUTH_FAILURES = Counter("omni_auth_failures_total", "Failed authentications, by reason.", ["reason"])
@@ -159,18 +159,18 @@ def seed_instance(instance: str) -> None:
         if instance in _seeded:
             return
         for status in MESSAGE_STATUSES:
-            MESSAGES.labels(instance=instance, status=status)
-            MESSAGE_DURATION.labels(instance=instance, status=status)
+            MESSAGES.labels(instance_name=instance, status=status)
+            MESSAGE_DURATION.labels(instance_name=instance, status=status)
         for step in STEPS:
             for status in STEP_STATUSES:
-                STEP_DURATION.labels(instance=instance, step=step, status=status)
-        AGENT_FIRST_CHUNK.labels(instance=instance)
-        WEBHOOK_LAG.labels(instance=instance)
+                STEP_DURATION.labels(instance_name=instance, step=step, status=status)
+        AGENT_FIRST_CHUNK.labels(instance_name=instance)
+        WEBHOOK_LAG.labels(instance_name=instance)
         for status in RECEIPT_STATUSES:
-            REPLY_RECEIPT.labels(instance=instance, status=status)
+            REPLY_RECEIPT.labels(instance_name=instance, status=status)
         for kind in TOKEN_TYPES:
-            AGENT_TOKENS.labels(instance=instance, type=kind)
-        AGENT_COST.labels(instance=instance)
+            AGENT_TOKENS.labels(instance_name=instance, type=kind)
+        AGENT_COST.labels(instance_name=instance)
         _seeded.add(instance)
 
 
