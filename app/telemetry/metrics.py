@@ -97,8 +97,10 @@ IN_FLIGHT = Gauge("omni_messages_in_flight", "Accepted messages still being proc
 # a worker's series when gunicorn reports it dead.
 WORKER_MEMORY = Gauge("omni_worker_resident_memory_bytes", "Resident memory of a worker.",
                       multiprocess_mode="liveall")
-WORKER_CPU = Gauge("omni_worker_cpu_seconds", "CPU seconds used by a worker since it started.",
-                   multiprocess_mode="liveall")
+# A counter, not a per-pid gauge: each worker adds the CPU it used since its previous sample,
+# and a dead worker's count stays in the archive, so rate() holds across restarts.
+WORKER_CPU = Counter("omni_worker_cpu_seconds_total",
+                     "CPU seconds (user + system) used by the workers, every worker that ran.")
 WORKER_CONNECTIONS = Gauge("omni_worker_open_connections",
                            "Open sockets of a worker (clients, database, upstreams, Loki).",
                            multiprocess_mode="liveall")
@@ -174,6 +176,24 @@ def seed_instance(instance: str) -> None:
         _seeded.add(instance)
 
 
+_cpu_counted: tuple[int, float] = (0, 0.0)   # (pid, CPU seconds counted so far)
+_cpu_lock = threading.Lock()
+
+
+def count_cpu(seconds: float) -> None:
+    """Add to WORKER_CPU what this process used since the last call (seconds: its total)."""
+    global _cpu_counted
+    with _cpu_lock:
+        pid, counted = _cpu_counted
+        if pid != os.getpid():
+            # A forked child inherits the parent's figure, but its own CPU times start at 0.
+            counted = 0.0
+        if seconds > counted:
+            WORKER_CPU.inc(seconds - counted)
+            counted = seconds
+        _cpu_counted = (os.getpid(), counted)
+
+
 def sample_worker_resources() -> None:
     """Record this worker's memory, CPU, connections and threads (called periodically)."""
     import psutil
@@ -182,7 +202,7 @@ def sample_worker_resources() -> None:
     with proc.oneshot():
         WORKER_MEMORY.set(proc.memory_info().rss)
         times = proc.cpu_times()
-        WORKER_CPU.set(times.user + times.system)
+        count_cpu(times.user + times.system)
         WORKER_THREADS.set(proc.num_threads())
     try:
         WORKER_CONNECTIONS.set(_count_sockets())
