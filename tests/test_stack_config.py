@@ -516,11 +516,11 @@ def test_loki_selectors_use_only_service_labels():
     queries = gq.logql_queries()
     assert queries
     for q in queries:
-        selectors = gq.stream_selectors(q.text)
-        assert selectors, f"{q.source}/{q.panel}: no stream selector"
+        selectors = gq.stream_selectors(q.expanded())
+        assert len(selectors) == 1, f"{q.source}/{q.panel}: {len(selectors)} stream selectors"
         for sel in selectors:
             assert set(sel) <= LOKI_STREAM_LABELS, f"{q.source}/{q.panel}: labels {sorted(sel)}"
-            assert sel.get("service") == "=", f"{q.source}/{q.panel}: must select service=\"omni\""
+            assert sel.get("service") == ("=", "omni"), f"{q.source}/{q.panel}: must select service=\"omni\""
 
 
 def test_sql_queries_expand_completely():
@@ -547,6 +547,85 @@ def test_sql_macro_expansion():
     assert "created_at BETWEEN '2026-01-01T00:00:00Z' AND '2026-01-02T00:00:00Z'" in out
     assert "ts >= 1767225600 AND ts <= 1767312000" in out
     assert "'day'" in out and "$" not in out
+
+
+def test_variable_formats_render_as_grafana_documents_them():
+    """The harness's formats against the examples of Grafana's "Advanced variable format
+    options" page (servers = ['test1', 'test2'], ...) and its format registry."""
+    servers = {"name": "servers", "type": "custom", "multi": True}
+
+    def render(fmt, value, var=servers, **kw):
+        return gq.interpolate(var, value, fmt, gq.TRACES_UID, **kw)
+
+    two = ["test1", "test2"]
+    assert render("csv", two) == "test1,test2"
+    assert render("distributed", two) == "test1,servers=test2"
+    assert render("doublequote", two) == '"test1","test2"'
+    assert render("glob", two) == "{test1,test2}"
+    assert render("json", two) == '["test1","test2"]'
+    assert render("lucene", two) == '("test1" OR "test2")'
+    assert render("percentencode", two) == "%7Btest1%2Ctest2%7D"
+    assert render("uriencode", two) == "%7Btest1,test2%7D"
+    assert render("pipe", two) == "test1|test2"
+    assert render("raw", two) == "test1,test2"
+    assert render("regex", ["test.1", "test2"]) == r"(test\.1|test2)"
+    assert render("singlequote", two) == "'test1','test2'"
+    assert render("sqlstring", ["test'1", "test2"]) == "'test''1','test2'"
+    assert render("text", two) == "test1 + test2"
+    assert render("queryparam", two) == "var-servers=test1&var-servers=test2"
+    # Grafana 13 (@grafana/scenes): json leaves a single string as it is, sqlstring
+    # escapes " too; encodeURIComponent plus ! ' ( ) *.
+    box = {"name": "box", "type": "textbox"}
+    assert render("json", 'a"b', box) == 'a"b'
+    assert render("sqlstring", """it's "x\"""", box) == """'it''s \\"x\\"'"""
+    assert render("percentencode", "a b!'()*$~", box) == "a%20b%21%27%28%29%2A%24~"
+    assert render("uriencode", "a b;/?:@&=+$#'", box) == "a%20b;/?:@&=+$#%27"
+    # "All": the custom all value verbatim (formatted only for text, percentencode and
+    # queryparam), else every option.
+    every = {"name": "i", "type": "query", "includeAll": True, "allValue": ".*"}
+    assert render("regex", gq.ALL, every) == ".*"
+    assert render("uriencode", gq.ALL, every) == ".*"
+    assert render("percentencode", gq.ALL, every) == ".%2A"
+    assert render("text", gq.ALL, every) == "All"
+    options = {"i": ["a", "b"]}
+    listed = {"name": "i", "type": "query", "includeAll": True}
+    assert render("sqlstring", gq.ALL, listed, options=options) == "'a','b'"
+    assert render("percentencode", gq.ALL, listed, options=options) == "%7Ba%2Cb%7D"
+    # Without a format each data source escapes its own way.
+    single = {"name": "s", "type": "textbox"}
+    assert gq.interpolate(single, "it's", None, gq.TRACES_UID) == "it''s"
+    assert gq.interpolate(listed, ["a.b", "c"], None, gq.PROMETHEUS_UID) == r"(a\\.b|c)"
+    assert gq.interpolate(listed, ["a.b", "c"], None, gq.LOKI_UID) == r"a\\.b|c"
+    assert gq.interpolate(single, 'a"b', None, gq.LOKI_UID) == 'a"b'
+
+
+def test_sql_macros_expand_after_the_variables_as_in_grafana():
+    """Grafana's back end expands $__macro(...) in the text its front end interpolated:
+    a value can carry one, inside a string literal or not."""
+    box = {"box": {"name": "box", "type": "textbox"}}
+    out = gq.expand_sql("SELECT ${box:sqlstring}", values={"box": "$__timeFrom()"}, variables=box)
+    assert out.startswith("SELECT ''20") and out.endswith("Z''")
+    with pytest.raises(ValueError, match="unknown macro"):
+        gq.expand_sql("SELECT ${box:sqlstring}", values={"box": "$__nope(x)"}, variables=box)
+
+
+def test_strict_lexers():
+    assert gq.logql_tokens('{a="x\\"y"} |= `r` [5m]') == [
+        ("OP", "{"), ("ID", "a"), ("OP", "="), ("STR", 'x"y'), ("OP", "}"), ("OP", "|="),
+        ("STR", "r"), ("OP", "["), ("DUR", "5m"), ("OP", "]")]
+    for bad in ('{a="x\\.y"}', '{a="x}', '{a="x\ny"}', "{a=`x}", '{a="x"} \\'):
+        with pytest.raises(gq.LexError):
+            gq.logql_tokens(bad)
+    assert gq.stream_selectors('sum(count_over_time({a="1", b=~"2"} |= "{c=\\"3\\"}" [1m]))') == [
+        {"a": ("=", "1"), "b": ("=~", "2")}]
+    assert gq.sql_tokens("SELECT 'it''s', \"Q\"\"\" -- c\nFROM t WHERE x::int >= $1") == [
+        ("ID", "select"), ("STR", "it's"), ("PUNCT", ","), ("QID", 'Q"'), ("COMMENT", "-- c"),
+        ("ID", "from"), ("ID", "t"), ("ID", "where"), ("ID", "x"), ("OP", "::"), ("ID", "int"),
+        ("OP", ">="), ("PARAM", "1")]
+    assert [k for k, _ in gq.sql_tokens("a--b")] == ["ID", "COMMENT"]
+    for bad in ("SELECT 'x", "SELECT E'x'", "SELECT /* x", 'SELECT "x'):
+        with pytest.raises(gq.LexError):
+            gq.sql_tokens(bad)
 
 
 def test_loki_config():
