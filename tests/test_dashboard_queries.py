@@ -110,7 +110,7 @@ def test_promql_query_runs(query, traffic, prometheus_url):
 KEY_PANELS = {
     # (dashboard, panel title): what must return data once traffic was scraped.
     ("omni-overview.json", "Messages per second by status"),
-    ("omni-overview.json", "Success rate"),
+    ("omni-overview.json", "Success rate (last 5 m)"),
     ("omni-overview.json", "Per-step latency p95 (the bottleneck)"),
     ("omni-overview.json", "End-to-end latency p50 / p95 / p99"),
     # The sandbox agent reports usage: tokens flow with the traffic.

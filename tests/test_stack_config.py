@@ -1000,6 +1000,132 @@ def test_slo_dashboard():
         assert rec in exprs
 
 
+# Unit ids of Grafana's value formats (packages/grafana-data/src/valueFormats/categories.ts)
+# that fit this service's figures; custom units are `<kind>:<text>`.
+GRAFANA_UNITS = {
+    "none", "short", "percent", "percentunit", "locale", "bytes", "decbytes", "bits",
+    "ns", "µs", "ms", "s", "m", "h", "d", "dtdurations", "dtdurationms",
+    "cps", "ops", "reqps", "rps", "wps", "iops", "cpm", "opm", "rpm", "wpm",
+    "currencyUSD", "currencyEUR", "dateTimeAsIso", "dateTimeFromNow",
+}
+_CUSTOM_UNIT = re.compile(r"(prefix|suffix|si|count|currency|time|bool|bool_yes_no|bool_on_off):.+")
+# Panels that keep a fixed window in rate()/increase(): a figure of that window, named so in
+# the title. Everything else follows the panel's resolution ($__rate_interval).
+FIXED_WINDOW_PANELS = {
+    ("omni-overview.json", "Success rate (last 5 m)"): "[5m]",
+    ("omni-overview.json", "Agent cost per day by instance (trailing 24 h)"): "[1d]",
+}
+
+
+def _metric_panels():
+    for name, dash in gq.dashboards().items():
+        for panel in gq.iter_panels(dash["panels"]):
+            # rows and text panels show no values; a logs panel shows lines, which have no unit
+            if panel["type"] not in ("row", "text", "logs"):
+                yield name, panel
+
+
+def test_every_panel_has_a_unit_thresholds_mappings_and_a_no_data_text():
+    panels = list(_metric_panels())
+    assert len(panels) >= 70
+    for name, panel in panels:
+        where = f"{name}/{panel['title']}"
+        d = panel["fieldConfig"]["defaults"]
+        unit = d.get("unit")
+        assert unit in GRAFANA_UNITS or (unit and _CUSTOM_UNIT.fullmatch(unit)), f"{where}: unit {unit!r}"
+        steps = (d.get("thresholds") or {}).get("steps") or []
+        assert d["thresholds"].get("mode") in ("absolute", "percentage") and steps, f"{where}: no thresholds"
+        assert steps[0]["value"] is None, f"{where}: thresholds need a base step"
+        assert [s["value"] for s in steps[1:]] == sorted(s["value"] for s in steps[1:]), where
+        assert isinstance(d.get("mappings"), list), f"{where}: no value mappings"
+        for m in d["mappings"]:
+            assert m["type"] in ("value", "range", "regex", "special"), where
+            if m["type"] == "special":
+                assert m["options"]["match"] in ("null", "nan", "null+nan", "true", "false", "empty"), where
+        # What an empty result reads as: 0 for counts and rates, a word where 0 would lie.
+        assert isinstance(d.get("noValue"), str) and d["noValue"], f"{where}: no noValue"
+        if unit == "percentunit" and panel["type"] in ("stat", "timeseries", "bargauge"):
+            assert d["noValue"] != "0", f"{where}: no traffic is not 0 %"
+
+
+def test_status_columns_and_scrape_state_have_value_mappings():
+    statuses = {"omni-traces.json": {"completed", "failed", "error", "processing"},
+                "omni-trace-detail.json": {"completed", "failed", "error", "processing"}}
+    found = 0
+    for name, panel in _metric_panels():
+        sql = " ".join(t.get("rawSql", "") for t in panel.get("targets", []))
+        if panel["type"] != "table" or not re.search(r"(?:^|[\s,])(?:\w+\.)?status(?:\s+AS\s+status)?\s*,", sql):
+            continue
+        overrides = {o["matcher"]["options"]: o for o in panel["fieldConfig"]["overrides"]
+                     if o["matcher"]["id"] == "byName"}
+        assert "status" in overrides, f"{name}/{panel['title']}: status column without value mappings"
+        [mapping] = [p["value"][0] for p in overrides["status"]["properties"] if p["id"] == "mappings"]
+        wanted = {"success", "failed"} if panel["title"] == "Steps" else statuses[name]
+        assert set(mapping["options"]) == wanted, f"{name}/{panel['title']}"
+        assert all(v.get("color") for v in mapping["options"].values())
+        found += 1
+    assert found == 5
+    overview = gq.dashboards()["omni-overview.json"]
+    [scrape] = [p for p in gq.iter_panels(overview["panels"]) if p["title"] == "Scrape targets and version"]
+    up = [o for o in scrape["fieldConfig"]["overrides"] if o["matcher"]["options"] == "Value #A"][0]
+    [mapping] = [p["value"][0] for p in up["properties"] if p["id"] == "mappings"]
+    assert {k: v["text"] for k, v in mapping["options"].items()} == {"0": "DOWN", "1": "UP"}
+
+
+def test_panel_rates_follow_the_rate_interval():
+    for q in gq.dashboard_queries():
+        if q.datasource_uid != gq.PROMETHEUS_UID or q.ref_id == "var":
+            continue
+        fixed = re.findall(r"\[\d+[smhdwy]\]", q.text)
+        allowed = FIXED_WINDOW_PANELS.get((q.source, q.panel))
+        if allowed:
+            assert set(fixed) == {allowed}, f"{q.source}/{q.panel}: {fixed}"
+            assert re.search(r"\d+ ?[mhd]", q.panel), f"{q.panel}: the title must name the window"
+            continue
+        assert not fixed, f"{q.source}/{q.panel}: fixed window {fixed}; use [$__rate_interval]"
+        if re.search(r"\b(rate|increase|irate)\(", q.text):
+            assert "[$__rate_interval]" in q.text, f"{q.source}/{q.panel}"
+
+
+def _instance_name_series() -> set[str]:
+    """Metrics and recorded series that carry the instance_name label."""
+    names = set(INSTANCE_NAME_METRICS)
+    names |= {n + suffix for n in INSTANCE_NAME_METRICS for suffix in ("_bucket", "_count", "_sum")}
+    for f in (ROOT / "prometheus" / "rules").glob("*.yml"):
+        for g in yaml.safe_load(f.read_text())["groups"]:
+            for r in g["rules"]:
+                if r.get("record", "").split(":")[0].startswith("instance_name"):
+                    names.add(r["record"])
+    return names
+
+
+def test_every_panel_honours_the_instance_name_variable():
+    labelled = _instance_name_series()
+    selector = re.compile(r"\b([a-z_][a-z0-9_]*(?::[a-z0-9_]+)*)(\{[^{}]*\})?")
+    filtered = 0
+    for q in gq.dashboard_queries():
+        if q.ref_id == "var":
+            continue
+        if "instance_name" not in q.variables:
+            # omni-slo: the SLIs are over every instance together (docs/slo.md); the
+            # trace detail shows one trace.
+            assert q.source in ("omni-slo.json", "omni-trace-detail.json"), q.source
+            continue
+        where = f"{q.source}/{q.panel}"
+        if q.datasource_uid == gq.PROMETHEUS_UID:
+            for m in selector.finditer(q.text):
+                if m.group(1) in labelled:
+                    assert 'instance_name=~"$instance_name"' in (m.group(2) or ""), f"{where}: {m.group(0)}"
+                    filtered += 1
+        elif q.datasource_uid == gq.TRACES_UID:
+            assert "instance_name" in gq.variables_used(q.text), f"{where}: SQL not filtered by instance"
+            filtered += 1
+        else:
+            assert re.search(r"\| instance=~\S*\$\{instance_name", q.text), f"{where}: LogQL not filtered"
+            filtered += 1
+    assert filtered >= 45
+
+
 def test_every_dashboard_query_names_existing_recording_rules():
     """A recorded series a dashboard or alert reads must be defined in prometheus/rules."""
     defined = {r["record"] for f in (ROOT / "prometheus" / "rules").glob("*.yml")
