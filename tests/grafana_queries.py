@@ -66,6 +66,17 @@ SAMPLE_OPTIONS: dict[str, list[str]] = {
     "env": ["test"],
 }
 
+# Values a textbox, or a crafted URL (?var-x=...), can give any variable: quotes of every
+# kind, escapes, closing braces, comments, Grafana's own macros and variables.
+HOSTILE_VALUES = (
+    "'", "' OR '1'='1", "\\", '"', "}", "\\'", '\\"', "`", "') OR ('1'='1", "'; SELECT 1; --",
+    "*/ --", '" } or {service=~".+', '\\" | line_format "x', "a\nb", "%27", "%7B%7D", ".*",
+    "$__timeFrom() OR true -- $__timeFrom()", "$__timeFilter(x) OR true", "$__nope(x)",
+    "$__interval", "${trace_id}", "$instance_name",
+)
+# Variable types whose value reaches a query: all but the built-in ones.
+VALUE_VARIABLE_TYPES = ("textbox", "query", "custom")
+
 # Built-in variables Grafana defines itself (never in templating.list).
 BUILTIN_VARIABLES = {
     "__interval", "__interval_ms", "__rate_interval", "__rate_interval_ms", "__range",

@@ -509,7 +509,7 @@ def test_trace_detail_dashboard():
     sql = [q.text for q in gq.sql_queries() if q.source == "omni-trace-detail.json"]
     assert any("jsonb_array_elements" in s for s in sql)
     logql = [q.text for q in gq.logql_queries() if q.source == "omni-trace-detail.json"]
-    assert logql == ['{service="omni"} | trace_id="${trace_id}"']
+    assert logql == ['{service="omni"} | trace_id="${trace_id:uriencode}"']
 
 
 def test_loki_selectors_use_only_service_labels():
@@ -626,6 +626,108 @@ def test_strict_lexers():
     for bad in ("SELECT 'x", "SELECT E'x'", "SELECT /* x", 'SELECT "x'):
         with pytest.raises(gq.LexError):
             gq.sql_tokens(bad)
+
+
+# How a dashboard variable may appear in a query: inside a string literal of the query's own
+# quotes, through a format whose output cannot end that literal. sqlstring is not enough in
+# SQL: Grafana's PostgreSQL back end expands $__timeFrom() and the other macros after the
+# variables, inside literals too, and those macros write quotes.
+SAFE_REFERENCE = {gq.TRACES_UID: ("'", "percentencode"), gq.LOKI_UID: ('"', "uriencode")}
+# The characters each format leaves as they are (the rest become %XX).
+FORMAT_KEEPS = {"percentencode": set("-_.~"), "uriencode": set("-_.~;,/?:@&=+$#")}
+
+
+def _value_queries():
+    for q in gq.sql_queries() + gq.logql_queries():
+        refs = [(name, fmt, start, end) for name, fmt, start, end in gq.variable_references(q.text)
+                if q.variables.get(name, {}).get("type") in gq.VALUE_VARIABLE_TYPES]
+        if refs:
+            yield q, refs
+
+
+def test_sql_and_logql_take_every_variable_through_an_encoding_format():
+    checked = 0
+    for q, refs in _value_queries():
+        quote, fmt = SAFE_REFERENCE[q.datasource_uid]
+        for name, used, start, end in refs:
+            where = f"{q.source}/{q.panel}: ${{{name}}}"
+            assert used == fmt, f"{where} must be written ${{{name}:{fmt}}}, not with {used!r}"
+            assert q.text[start - 1] == quote and q.text[end] == quote, f"{where} must sit inside {quote}...{quote}"
+            checked += 1
+    assert checked >= 60
+
+
+def test_the_encodings_keep_every_valid_value_as_it_is():
+    """A valid value must survive its encoding unchanged, or the query would not find it."""
+    from app.instances import NAME_RE
+
+    keeps = FORMAT_KEEPS["percentencode"]
+    # instance names (the API refuses any other), trace ids, durations, statuses, buckets
+    assert NAME_RE.pattern == r"^[a-z0-9][a-z0-9_-]{0,62}$", "instance names changed: check the encoding"
+    for value in ["bot", "a-b_c9", "00000000-0000-0000-0000-00000000000f", "10000"]:
+        assert gq.uri_component_strict(value) == value
+    for name, dash in gq.dashboards().items():
+        for var in dash.get("templating", {}).get("list", []):
+            if var.get("type") == "custom":
+                for option in gq.variable_options(var):
+                    assert set(option) <= set("abcdefghijklmnopqrstuvwxyz0123456789") | keeps, (name, option)
+            # Grafana inserts a custom all value as it is: into a LogQL string it must be a
+            # plain regex (SQL compares the percent-encoded .* instead).
+            if var.get("allValue"):
+                assert var["allValue"] in (".*", ".+"), (name, var["name"], var["allValue"])
+    assert gq.uri_component_strict(".*") == ".%2A"
+
+
+def _render(q, name, value):
+    return q.expanded(values={name: [value] if q.variables[name].get("multi") else value})
+
+
+def test_hostile_values_stay_inside_one_string_literal():
+    """Any value of any variable only changes the content of string literals: the query
+    keeps the structure it has with a plain value (strict lexers, macros expanded)."""
+    checked = 0
+    for q, refs in _value_queries():
+        lex = gq.sql_tokens if q.datasource_uid == gq.TRACES_UID else gq.logql_tokens
+        for name in {r[0] for r in refs}:
+            plain = gq.skeleton(lex(_render(q, name, "plainvalue")))
+            for hostile in gq.HOSTILE_VALUES:
+                rendered = _render(q, name, hostile)
+                assert gq.skeleton(lex(rendered)) == plain, f"{q.source}/{q.panel}: {name}={hostile!r}\n{rendered}"
+                if q.datasource_uid == gq.LOKI_UID:
+                    assert len(gq.stream_selectors(rendered)) == 1
+                checked += 1
+    assert checked >= 20 * len(gq.HOSTILE_VALUES)
+
+
+def _same_structure(lex, text: str, plain: str) -> bool:
+    try:
+        return gq.skeleton(lex(text)) == gq.skeleton(lex(plain))
+    except gq.LexError:
+        return False
+
+
+def test_the_hostile_check_fails_the_formats_this_stack_does_not_use():
+    """Why percentencode and uriencode, under the same check. sqlstring keeps the value's own
+    text quoted, but Grafana expands a macro in it afterwards: $__timeFrom() puts its
+    timestamp outside the literal (PostgreSQL fails the query) and an unknown $__x() fails
+    it in Grafana. In LogQL, doublequote leaves a backslash free to escape the closing quote,
+    and json leaves a single string as it is."""
+    [trace] = [q for q in gq.sql_queries() if q.source == "omni-trace-detail.json" and q.panel == "Trace"]
+    as_sqlstring = trace.text.replace("'${trace_id:percentencode}'", "${trace_id:sqlstring}")
+    plain = gq.expand_sql(as_sqlstring, {"trace_id": "x"})
+    macro = gq.expand_sql(as_sqlstring, {"trace_id": "$__timeFrom() OR true -- $__timeFrom()"})
+    assert not _same_structure(gq.sql_tokens, macro, plain)
+    assert "' OR true -- '" in macro     # the value's own text is still quoted
+    with pytest.raises(ValueError, match="unknown macro"):
+        gq.expand_sql(as_sqlstring, {"trace_id": "$__nope(x)"})
+    assert _same_structure(gq.sql_tokens, gq.expand_sql(as_sqlstring, {"trace_id": "' OR '1'='1"}), plain)
+    [logs] = [q for q in gq.logql_queries() if q.source == "omni-trace-detail.json"]
+    for fmt in ("doublequote", "json"):
+        text = logs.text.replace('"${trace_id:uriencode}"', "${trace_id:%s}" % fmt)
+        plain = gq.expand_logql(text, {"trace_id": "x"})
+        broken = [v for v in gq.HOSTILE_VALUES
+                  if not _same_structure(gq.logql_tokens, gq.expand_logql(text, {"trace_id": v}), plain)]
+        assert "\\" in broken, (fmt, broken)
 
 
 def test_loki_config():
