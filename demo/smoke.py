@@ -118,7 +118,11 @@ class Smoke:
         return f"trace {self.trace_id} completed in {trace['duration_ms']} ms"
 
     def prometheus(self) -> str:
-        query = "sum by (step) (omni_message_step_duration_seconds_count)"
+        # Selecting on instance_name proves the label survived the scrape next to
+        # Prometheus's own `instance`. Instance names are [a-z0-9_-]: safe in the string.
+        who = self.a.instance if self.trace_id else "any instance"
+        matcher = f'instance_name="{self.a.instance}"' if self.trace_id else 'instance_name!=""'
+        query = f"sum by (step) (omni_message_step_duration_seconds_count{{{matcher}}})"
 
         def probe():
             status, body = _http("GET", f"{self.a.prometheus}/api/v1/query?"
@@ -127,8 +131,8 @@ class Smoke:
             result = body.get("data", {}).get("result", []) if status == 200 else []
             return result if len({r["metric"].get("step") for r in result}) == 4 else None
 
-        result = _wait("step histograms in Prometheus", self.a.timeout, probe)
-        return "histograms for " + ", ".join(sorted(r["metric"]["step"] for r in result))
+        result = _wait(f"step histograms of {who} in Prometheus", self.a.timeout, probe)
+        return f"histograms of {who} for " + ", ".join(sorted(r["metric"]["step"] for r in result))
 
     def _prom(self, path: str, **params) -> object:
         url = f"{self.a.prometheus}/api/v1/{path}" + ("?" + urllib.parse.urlencode(params) if params else "")

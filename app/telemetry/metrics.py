@@ -45,20 +45,20 @@ LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
 RECEIPT_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 
 MESSAGES = Counter("omni_messages_total", "Messages that reached a final status.",
-                   ["instance", "status"])
+                   ["instance_name", "status"])
 MESSAGE_DURATION = Histogram("omni_message_duration_seconds",
                              "End-to-end time from webhook to final status.",
-                             ["instance", "status"], buckets=MESSAGE_BUCKETS)
+                             ["instance_name", "status"], buckets=MESSAGE_BUCKETS)
 STEP_DURATION = Histogram("omni_message_step_duration_seconds",
                           "Time spent in each processing step.",
-                          ["instance", "step", "status"], buckets=STEP_BUCKETS)
+                          ["instance_name", "step", "status"], buckets=STEP_BUCKETS)
 AGENT_FIRST_CHUNK = Histogram("omni_agent_first_chunk_seconds",
                               "Time from the agent call to its first streamed chunk.",
-                              ["instance"], buckets=STEP_BUCKETS)
+                              ["instance_name"], buckets=STEP_BUCKETS)
 AGENT_TOKENS = Counter("omni_agent_tokens_total", "Tokens the agent reported using, by type.",
-                       ["instance", "type"])
+                       ["instance_name", "type"])
 AGENT_COST = Counter("omni_agent_cost_usd_total",
-                     "Cost of the agent's tokens in USD, at the instance's prices.", ["instance"])
+                     "Cost of the agent's tokens in USD, at the instance's prices.", ["instance_name"])
 HTTP_DURATION = Histogram("omni_http_request_duration_seconds",
                           "HTTP requests served, by route template.",
                           ["method", "route", "status"], buckets=HTTP_BUCKETS)
@@ -67,10 +67,10 @@ WEBHOOK_IGNORED = Counter("omni_webhook_ignored_total",
                           "Valid Evolution webhooks answered 200 ignored, by reason.", ["reason"])
 WEBHOOK_LAG = Histogram("omni_webhook_lag_seconds",
                         "Arrival here minus WhatsApp's messageTimestamp, per accepted message.",
-                        ["instance"], buckets=LAG_BUCKETS)
+                        ["instance_name"], buckets=LAG_BUCKETS)
 REPLY_RECEIPT = Histogram("omni_reply_receipt_seconds",
                           "From our send of a reply to its delivery or read receipt.",
-                          ["instance", "status"], buckets=RECEIPT_BUCKETS)
+                          ["instance_name", "status"], buckets=RECEIPT_BUCKETS)
 UPSTREAM_ERRORS = Counter("omni_upstream_errors_total", "Failed calls to a dependency.",
                           ["upstream", "reason"])
 AUTH_FAILURES = Counter("omni_auth_failures_total", "Failed authentications, by reason.", ["reason"])
@@ -82,8 +82,10 @@ IN_FLIGHT = Gauge("omni_messages_in_flight", "Accepted messages still being proc
 # a worker's series when gunicorn reports it dead.
 WORKER_MEMORY = Gauge("omni_worker_resident_memory_bytes", "Resident memory of a worker.",
                       multiprocess_mode="liveall")
-WORKER_CPU = Gauge("omni_worker_cpu_seconds", "CPU seconds used by a worker since it started.",
-                   multiprocess_mode="liveall")
+# A counter, not a per-pid gauge: each worker adds the CPU it used since its previous sample,
+# and a dead worker's count stays in the archive, so rate() holds across restarts.
+WORKER_CPU = Counter("omni_worker_cpu_seconds_total",
+                     "CPU seconds (user + system) used by the workers, every worker that ran.")
 WORKER_CONNECTIONS = Gauge("omni_worker_open_connections",
                            "Open sockets of a worker (clients, database, upstreams, Loki).",
                            multiprocess_mode="liveall")
@@ -168,19 +170,37 @@ def seed_instance(instance: str) -> None:
         if instance in _seeded:
             return
         for status in FINAL_STATUSES:
-            MESSAGES.labels(instance=instance, status=status)
-            MESSAGE_DURATION.labels(instance=instance, status=status)
+            MESSAGES.labels(instance_name=instance, status=status)
+            MESSAGE_DURATION.labels(instance_name=instance, status=status)
         for step in STEPS:
             for status in STEP_OUTCOMES:
-                STEP_DURATION.labels(instance=instance, step=step, status=status)
-        AGENT_FIRST_CHUNK.labels(instance=instance)
-        WEBHOOK_LAG.labels(instance=instance)
+                STEP_DURATION.labels(instance_name=instance, step=step, status=status)
+        AGENT_FIRST_CHUNK.labels(instance_name=instance)
+        WEBHOOK_LAG.labels(instance_name=instance)
         for status in RECEIPT_STATUSES:
-            REPLY_RECEIPT.labels(instance=instance, status=status)
+            REPLY_RECEIPT.labels(instance_name=instance, status=status)
         for kind in TOKEN_TYPES:
-            AGENT_TOKENS.labels(instance=instance, type=kind)
-        AGENT_COST.labels(instance=instance)
+            AGENT_TOKENS.labels(instance_name=instance, type=kind)
+        AGENT_COST.labels(instance_name=instance)
         _seeded.add(instance)
+
+
+_cpu_counted: tuple[int, float] = (0, 0.0)   # (pid, CPU seconds counted so far)
+_cpu_lock = threading.Lock()
+
+
+def count_cpu(seconds: float) -> None:
+    """Add to WORKER_CPU what this process used since the last call (seconds: its total)."""
+    global _cpu_counted
+    with _cpu_lock:
+        pid, counted = _cpu_counted
+        if pid != os.getpid():
+            # A forked child inherits the parent's figure, but its own CPU times start at 0.
+            counted = 0.0
+        if seconds > counted:
+            WORKER_CPU.inc(seconds - counted)
+            counted = seconds
+        _cpu_counted = (os.getpid(), counted)
 
 
 def sample_worker_resources() -> None:
@@ -191,7 +211,7 @@ def sample_worker_resources() -> None:
     with proc.oneshot():
         WORKER_MEMORY.set(proc.memory_info().rss)
         times = proc.cpu_times()
-        WORKER_CPU.set(times.user + times.system)
+        count_cpu(times.user + times.system)
         WORKER_THREADS.set(proc.num_threads())
     try:
         WORKER_CONNECTIONS.set(_count_sockets())

@@ -210,7 +210,7 @@ def test_a_receipt_before_the_final_state_still_lands_on_its_trace(writer, fresh
     writer.insert(row).result(timeout=10)
     reply_id = "3EB0" + uuid.uuid4().hex[:16].upper()
     early = dt.datetime.now(dt.timezone.utc)
-    delivered = metrics.REPLY_RECEIPT.labels(instance="w", status="delivered")
+    delivered = metrics.REPLY_RECEIPT.labels(instance_name="w", status="delivered")
     unknown = metrics.WEBHOOK_IGNORED.labels(reason="receipt_unknown")
     count = lambda: sum(b.get() for b in delivered._buckets)  # noqa: E731
     before, unknown_before = count(), unknown._value.get()

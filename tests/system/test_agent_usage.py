@@ -136,9 +136,9 @@ def test_analytics_and_metrics_sum_n_messages_over_two_workers(service, sandbox)
                                         "WHERE instance_name = %(n)s", {"n": name})[0][0]
     assert owners == 2
     samples = parse_metrics(service.metrics_text())
-    assert metric(samples, "omni_agent_tokens_total", instance=name, type="input") == want_in
-    assert metric(samples, "omni_agent_tokens_total", instance=name, type="output") == want_out
-    assert metric(samples, "omni_agent_cost_usd_total", instance=name) == pytest.approx(float(want_cost),
+    assert metric(samples, "omni_agent_tokens_total", instance_name=name, type="input") == want_in
+    assert metric(samples, "omni_agent_tokens_total", instance_name=name, type="output") == want_out
+    assert metric(samples, "omni_agent_cost_usd_total", instance_name=name) == pytest.approx(float(want_cost),
                                                                                         rel=1e-9)
 
 

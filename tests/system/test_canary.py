@@ -354,12 +354,12 @@ def test_canary_runs_once_per_interval_marked_and_left_out(pg, sandbox, make_ser
         samples = parse_metrics(svc.metrics_text())
         logs_after = len(_runs(svc))
         assert metric(samples, "omni_messages_total") == 4
-        assert metric(samples, "omni_messages_total", instance="canary") == 2     # the forged ones
-        assert metric(samples, "omni_message_duration_seconds_count", instance="canary") == 2
-        assert metric(samples, "omni_message_step_duration_seconds_count", instance="canary",
+        assert metric(samples, "omni_messages_total", instance_name="canary") == 2     # the forged ones
+        assert metric(samples, "omni_message_duration_seconds_count", instance_name="canary") == 2
+        assert metric(samples, "omni_message_step_duration_seconds_count", instance_name="canary",
                       step="agent_called") == 2
-        assert metric(samples, "omni_webhook_lag_seconds_count", instance="canary") == 2
-        assert metric(samples, "omni_agent_tokens_total", instance="canary") == \
+        assert metric(samples, "omni_webhook_lag_seconds_count", instance_name="canary") == 2
+        assert metric(samples, "omni_agent_tokens_total", instance_name="canary") == \
             sum((t["input_tokens"] or 0) + (t["output_tokens"] or 0) for t in normal if t["instance_name"] == "canary")
         ok = metric(samples, "omni_canary_runs_total", result="ok")
         assert logs_before <= ok <= logs_after, (logs_before, ok, logs_after)

@@ -149,7 +149,7 @@ def test_receipts_land_on_the_reply_trace_and_are_measured(evo):
     reply_id = trace["reply_message_id"]
     assert trace["delivered_at"] is None and trace["read_at"] is None
     count = lambda status: metric(parse_metrics(evo.metrics_text()),  # noqa: E731
-                                  "omni_reply_receipt_seconds_count", instance="evo", status=status)
+                                  "omni_reply_receipt_seconds_count", instance_name="evo", status=status)
     delivered, read = count("delivered"), count("read")
     r = _post(evo, _receipt(reply_id, "DELIVERY_ACK"), suffix="/messages-update")
     assert r.status_code == 200 and r.json() == {"status": "recorded", "receipt": "delivered"}
@@ -168,7 +168,7 @@ def test_receipts_land_on_the_reply_trace_and_are_measured(evo):
     time.sleep(0.5)
     assert evo.api("GET", f"/api/v1/traces/{trace['trace_id']}").json()["delivered_at"] == got["delivered_at"]
     assert count("delivered") == delivered + 1 and count("read") == read + 1
-    assert metric(parse_metrics(evo.metrics_text()), "omni_webhook_lag_seconds_count", instance="evo") > 0
+    assert metric(parse_metrics(evo.metrics_text()), "omni_webhook_lag_seconds_count", instance_name="evo") > 0
 
 
 def test_sandbox_receipts_round_trip(pg):
@@ -199,7 +199,7 @@ def test_sandbox_receipts_round_trip(pg):
         assert any(d and not r for d, r in seen), "never delivered before read"
         samples = parse_metrics(svc.metrics_text())
         for status in ("delivered", "read"):
-            assert metric(samples, "omni_reply_receipt_seconds_count", instance="evo", status=status) == 1
+            assert metric(samples, "omni_reply_receipt_seconds_count", instance_name="evo", status=status) == 1
     finally:
         svc.stop()
         box.stop()

@@ -1,9 +1,10 @@
-"""Prometheus metrics under gunicorn multiprocess mode, scraped for real (SPEC 5, issue 3)."""
+"""Prometheus metrics under gunicorn multiprocess mode, scraped for real (SPEC 5)."""
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from app.vocabulary import STEPS
@@ -24,15 +25,36 @@ def test_one_scrape_counts_exactly_n_over_two_workers(make_service):
     traces = _send_many(svc, "count", n)
     assert all(t["status"] == "completed" for t in traces)
     samples = parse_metrics(svc.metrics_text())
-    assert metric(samples, "omni_messages_total", instance="count", status="completed") == n
-    assert metric(samples, "omni_message_duration_seconds_count", instance="count") == n
+    assert metric(samples, "omni_messages_total", instance_name="count", status="completed") == n
+    assert metric(samples, "omni_message_duration_seconds_count", instance_name="count") == n
     for step in STEPS:
-        assert metric(samples, "omni_message_step_duration_seconds_count", instance="count",
+        assert metric(samples, "omni_message_step_duration_seconds_count", instance_name="count",
                       step=step, status="success") == n, step
     # Both workers are alive and report their resources (one series per pid).
     pids = {dict(lbl)["pid"] for (name, lbl) in samples if name == "omni_worker_resident_memory_bytes"}
     assert pids == {str(p) for p in svc.worker_pids()}
     assert all(v > 10e6 for (name, _), v in samples.items() if name == "omni_worker_resident_memory_bytes")
+    # CPU is one counter over every worker, without a pid label.
+    cpu = [lbl for (name, lbl) in samples if name == "omni_worker_cpu_seconds_total"]
+    assert cpu == [frozenset()] and samples[("omni_worker_cpu_seconds_total", frozenset())] > 0
+
+
+def test_worker_cpu_counts_each_process_own_cpu_once(monkeypatch):
+    from app.telemetry import metrics
+
+    def counted():
+        return metrics.WORKER_CPU._value.get()
+
+    monkeypatch.setattr(metrics, "_cpu_counted", (0, 0.0))
+    before = counted()
+    metrics.count_cpu(2.0)    # the first sample of a process: all it used so far
+    metrics.count_cpu(2.5)
+    metrics.count_cpu(2.25)   # never backwards
+    assert counted() == pytest.approx(before + 2.5)
+    # A forked child carries its parent's figure, but counts from its own zero.
+    monkeypatch.setattr(metrics, "_cpu_counted", (os.getpid() + 1, 50.0))
+    metrics.count_cpu(0.5)
+    assert counted() == pytest.approx(before + 3.0)
 
 
 def test_known_series_start_at_zero(make_service):
@@ -48,12 +70,12 @@ def test_known_series_start_at_zero(make_service):
     svc.ensure_instance("fresh", svc.sandbox.url)
     _send_many(svc, "fresh", 1)
     samples = parse_metrics(svc.metrics_text())
-    assert ("omni_messages_total", frozenset({("instance", "fresh"), ("status", "failed")})) in samples
-    assert metric(samples, "omni_messages_total", instance="fresh", status="failed") == 0
+    assert ("omni_messages_total", frozenset({("instance_name", "fresh"), ("status", "failed")})) in samples
+    assert metric(samples, "omni_messages_total", instance_name="fresh", status="failed") == 0
     # No prices on the instance: its cost series exists and stays 0 while tokens count.
-    assert ("omni_agent_cost_usd_total", frozenset({("instance", "fresh")})) in samples
-    assert metric(samples, "omni_agent_cost_usd_total", instance="fresh") == 0
-    assert metric(samples, "omni_agent_tokens_total", instance="fresh", type="input") > 0
+    assert ("omni_agent_cost_usd_total", frozenset({("instance_name", "fresh")})) in samples
+    assert metric(samples, "omni_agent_cost_usd_total", instance_name="fresh") == 0
+    assert metric(samples, "omni_agent_tokens_total", instance_name="fresh", type="input") > 0
 
 
 def test_labels_have_no_high_cardinality_values(service, traffic):
@@ -80,14 +102,17 @@ def test_worker_restarts_keep_counts_and_do_not_pile_up_files(make_service):
     svc.start()
     svc.ensure_instance("recycle", svc.sandbox.url)
     first_pids = set(svc.worker_pids())
+    cpu_before = metric(parse_metrics(svc.metrics_text()), "omni_worker_cpu_seconds_total")
     n = 80
     for chunk in range(4):
         _send_many(svc, "recycle", n // 4, prefix=f"c{chunk}")
     samples = parse_metrics(svc.metrics_text())
-    assert metric(samples, "omni_messages_total", instance="recycle", status="completed") == n
-    assert metric(samples, "omni_message_step_duration_seconds_count", instance="recycle",
+    assert metric(samples, "omni_messages_total", instance_name="recycle", status="completed") == n
+    assert metric(samples, "omni_message_step_duration_seconds_count", instance_name="recycle",
                   step="agent_called", status="success") == n
     assert not first_pids & set(svc.worker_pids()), "workers were not recycled"
+    # Recycled workers' CPU stays counted: the counter never goes back.
+    assert metric(samples, "omni_worker_cpu_seconds_total") >= cpu_before > 0
     files = [f for f in os.listdir(svc.metrics_dir) if f.endswith(".db")]
     live = {str(p) for p in svc.worker_pids()}
     stale = [f for f in files if not f.endswith("_archive.db")
@@ -132,5 +157,5 @@ def test_multiprocess_mode_without_the_variable_set(make_service):
     svc.ensure_instance("plain", svc.sandbox.url)
     _send_many(svc, "plain", 30)
     samples = parse_metrics(svc.metrics_text())
-    assert metric(samples, "omni_messages_total", instance="plain", status="completed") == 30
+    assert metric(samples, "omni_messages_total", instance_name="plain", status="completed") == 30
     assert any(f.startswith("counter_") for f in os.listdir(port_dir))

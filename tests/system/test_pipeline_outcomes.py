@@ -83,14 +83,14 @@ def test_agent_unreachable_is_failed(service):
 def test_streaming_agent_measures_first_chunk(service, sandbox):
     service.ensure_instance("streamer", sandbox.url, agent_stream=True)
     before = metric(parse_metrics(service.metrics_text()), "omni_agent_first_chunk_seconds_count",
-                    instance="streamer")
+                    instance_name="streamer")
     trace = _outcome(service, "#delay=200 stream me", instance="streamer")
     assert trace["status"] == "completed"
     assert trace["response_content"] == "Echo: #delay=200 stream me"
     agent = _steps(trace)["agent_called"]
     assert 150 <= agent["first_chunk_ms"] <= agent["duration_ms"]
     after = metric(parse_metrics(service.metrics_text()), "omni_agent_first_chunk_seconds_count",
-                   instance="streamer")
+                   instance_name="streamer")
     assert after == before + 1
 
 
@@ -104,13 +104,13 @@ def test_slow_message_over_10s(service, sandbox):
     """#delay=10500: completed, slower than 10 s, logged as slow_message, above le=10."""
     service.ensure_instance("patient", sandbox.url, agent_timeout_s=30)
     samples = parse_metrics(service.metrics_text())
-    le10 = metric(samples, "omni_message_duration_seconds_bucket", instance="patient", le="10.0")
-    count = metric(samples, "omni_message_duration_seconds_count", instance="patient")
+    le10 = metric(samples, "omni_message_duration_seconds_bucket", instance_name="patient", le="10.0")
+    count = metric(samples, "omni_message_duration_seconds_count", instance_name="patient")
     trace = _outcome(service, "#delay=10500 take your time", instance="patient", timeout=40)
     assert trace["status"] == "completed" and trace["duration_ms"] > 10000
     samples = parse_metrics(service.metrics_text())
-    assert metric(samples, "omni_message_duration_seconds_count", instance="patient") == count + 1
-    assert metric(samples, "omni_message_duration_seconds_bucket", instance="patient", le="10.0") == le10
+    assert metric(samples, "omni_message_duration_seconds_count", instance_name="patient") == count + 1
+    assert metric(samples, "omni_message_duration_seconds_bucket", instance_name="patient", le="10.0") == le10
     slow = [line for line in service.log_lines()
             if line.get("event") == "slow_message" and line.get("trace_id") == trace["trace_id"]]
     assert len(slow) == 1 and slow[0]["level"] == "WARNING" and slow[0]["duration_ms"] > 10000

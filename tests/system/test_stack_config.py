@@ -252,14 +252,52 @@ def test_promtool_check_configs(tmp_path):
     assert f"{rule_files} rule files found" in res.stdout + res.stderr
 
 
-def test_prometheus_keeps_omni_instance_label():
-    for name in ("prometheus.yml", "prometheus.scale.yml", "prometheus.native.yml"):
+PROMETHEUS_CONFIGS = ("prometheus.yml", "prometheus.scale.yml", "prometheus.native.yml")
+# The metrics labelled with the WhatsApp instance (SPEC 5).
+INSTANCE_NAME_METRICS = {
+    "omni_messages_total", "omni_message_duration_seconds", "omni_message_step_duration_seconds",
+    "omni_agent_first_chunk_seconds", "omni_agent_tokens_total", "omni_agent_cost_usd_total",
+    "omni_webhook_lag_seconds", "omni_reply_receipt_seconds",
+}
+
+
+def test_prometheus_keeps_its_own_instance_label():
+    # honor_labels is for federation: on a direct scrape it would let a scraped label
+    # replace the target's `instance`.
+    for name in PROMETHEUS_CONFIGS:
         cfg = yaml.safe_load((ROOT / "prometheus" / name).read_text())
+        for job in cfg["scrape_configs"]:
+            assert "honor_labels" not in job, f"{name}: job {job['job_name']} sets honor_labels"
         jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
-        assert jobs["omni"].get("honor_labels") is True, name
         assert jobs["omni"].get("metrics_path", "/metrics") == "/metrics"
     compose_cfg = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
     assert {"omni", "prometheus", "loki", "grafana"} <= {j["job_name"] for j in compose_cfg["scrape_configs"]}
+
+
+def _omni_metrics() -> dict[str, tuple[str, ...]]:
+    """{metric name: label names} of every omni_ metric app/telemetry/metrics.py declares."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from app.telemetry import metrics
+
+    found = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase) and value._name.startswith("omni_"):
+            # Counters drop their _total suffix in _name; the exposed name keeps it.
+            name = value._name + ("_total" if value._type == "counter" else "")
+            found[name] = tuple(value._labelnames)
+    return found
+
+
+def test_no_omni_metric_has_an_instance_label():
+    declared = _omni_metrics()
+    assert len(declared) >= 20, sorted(declared)
+    for name, labels in declared.items():
+        assert "instance" not in labels, f"{name} declares `instance`, Prometheus's target label"
+        assert "exported_instance" not in labels, name
+    for name in INSTANCE_NAME_METRICS:
+        assert declared[name][0] == "instance_name", f"{name}: labels {declared[name]}"
+    assert {n for n, labels in declared.items() if "instance_name" in labels} == INSTANCE_NAME_METRICS
 
 
 def test_promtool_check_rules():
@@ -311,10 +349,10 @@ def _alert(uid: str, rules: dict, eval_time: str, firing: bool) -> dict:
 def _alert_test_cases(rules: dict) -> list[dict]:
     slow, fail, down, auth, cost = ("omni-slow-messages", "omni-high-failure-rate", "omni-service-down",
                                     "omni-auth-failures-burst", "omni-cost-burn")
-    count = 'omni_message_duration_seconds_count{instance="bot",status="completed"}'
-    b10 = 'omni_message_duration_seconds_bucket{instance="bot",status="completed",le="%s"}'
-    msgs = 'omni_messages_total{instance="bot",status="%s"}'
-    spent = 'omni_agent_cost_usd_total{instance="bot"}'
+    count = 'omni_message_duration_seconds_count{instance_name="bot",status="completed"}'
+    b10 = 'omni_message_duration_seconds_bucket{instance_name="bot",status="completed",le="%s"}'
+    msgs = 'omni_messages_total{instance_name="bot",status="%s"}'
+    spent = 'omni_agent_cost_usd_total{instance_name="bot"}'
     budget = 'omni_cost_budget_usd_per_day{job="omni",instance="omni:8882"}'
     # 0.05 USD every 15 s: 12 USD an hour, 288 USD a day at that pace.
     burn = {"series": spent, "values": "0+0.05x400"}
@@ -471,18 +509,18 @@ def test_trace_detail_dashboard():
     sql = [q.text for q in gq.sql_queries() if q.source == "omni-trace-detail.json"]
     assert any("jsonb_array_elements" in s for s in sql)
     logql = [q.text for q in gq.logql_queries() if q.source == "omni-trace-detail.json"]
-    assert logql == ['{service="omni"} | trace_id="${trace_id}"']
+    assert logql == ['{service="omni"} | trace_id="${trace_id:uriencode}"']
 
 
 def test_loki_selectors_use_only_service_labels():
     queries = gq.logql_queries()
     assert queries
     for q in queries:
-        selectors = gq.stream_selectors(q.text)
-        assert selectors, f"{q.source}/{q.panel}: no stream selector"
+        selectors = gq.stream_selectors(q.expanded())
+        assert len(selectors) == 1, f"{q.source}/{q.panel}: {len(selectors)} stream selectors"
         for sel in selectors:
             assert set(sel) <= LOKI_STREAM_LABELS, f"{q.source}/{q.panel}: labels {sorted(sel)}"
-            assert sel.get("service") == "=", f"{q.source}/{q.panel}: must select service=\"omni\""
+            assert sel.get("service") == ("=", "omni"), f"{q.source}/{q.panel}: must select service=\"omni\""
 
 
 def test_sql_queries_expand_completely():
@@ -509,6 +547,187 @@ def test_sql_macro_expansion():
     assert "created_at BETWEEN '2026-01-01T00:00:00Z' AND '2026-01-02T00:00:00Z'" in out
     assert "ts >= 1767225600 AND ts <= 1767312000" in out
     assert "'day'" in out and "$" not in out
+
+
+def test_variable_formats_render_as_grafana_documents_them():
+    """The harness's formats against the examples of Grafana's "Advanced variable format
+    options" page (servers = ['test1', 'test2'], ...) and its format registry."""
+    servers = {"name": "servers", "type": "custom", "multi": True}
+
+    def render(fmt, value, var=servers, **kw):
+        return gq.interpolate(var, value, fmt, gq.TRACES_UID, **kw)
+
+    two = ["test1", "test2"]
+    assert render("csv", two) == "test1,test2"
+    assert render("distributed", two) == "test1,servers=test2"
+    assert render("doublequote", two) == '"test1","test2"'
+    assert render("glob", two) == "{test1,test2}"
+    assert render("json", two) == '["test1","test2"]'
+    assert render("lucene", two) == '("test1" OR "test2")'
+    assert render("percentencode", two) == "%7Btest1%2Ctest2%7D"
+    assert render("uriencode", two) == "%7Btest1,test2%7D"
+    assert render("pipe", two) == "test1|test2"
+    assert render("raw", two) == "test1,test2"
+    assert render("regex", ["test.1", "test2"]) == r"(test\.1|test2)"
+    assert render("singlequote", two) == "'test1','test2'"
+    assert render("sqlstring", ["test'1", "test2"]) == "'test''1','test2'"
+    assert render("text", two) == "test1 + test2"
+    assert render("queryparam", two) == "var-servers=test1&var-servers=test2"
+    # Grafana 13 (@grafana/scenes): json leaves a single string as it is, sqlstring
+    # escapes " too; encodeURIComponent plus ! ' ( ) *.
+    box = {"name": "box", "type": "textbox"}
+    assert render("json", 'a"b', box) == 'a"b'
+    assert render("sqlstring", """it's "x\"""", box) == """'it''s \\"x\\"'"""
+    assert render("percentencode", "a b!'()*$~", box) == "a%20b%21%27%28%29%2A%24~"
+    assert render("uriencode", "a b;/?:@&=+$#'", box) == "a%20b;/?:@&=+$#%27"
+    # "All": the custom all value verbatim (formatted only for text, percentencode and
+    # queryparam), else every option.
+    every = {"name": "i", "type": "query", "includeAll": True, "allValue": ".*"}
+    assert render("regex", gq.ALL, every) == ".*"
+    assert render("uriencode", gq.ALL, every) == ".*"
+    assert render("percentencode", gq.ALL, every) == ".%2A"
+    assert render("text", gq.ALL, every) == "All"
+    options = {"i": ["a", "b"]}
+    listed = {"name": "i", "type": "query", "includeAll": True}
+    assert render("sqlstring", gq.ALL, listed, options=options) == "'a','b'"
+    assert render("percentencode", gq.ALL, listed, options=options) == "%7Ba%2Cb%7D"
+    # Without a format each data source escapes its own way.
+    single = {"name": "s", "type": "textbox"}
+    assert gq.interpolate(single, "it's", None, gq.TRACES_UID) == "it''s"
+    assert gq.interpolate(listed, ["a.b", "c"], None, gq.PROMETHEUS_UID) == r"(a\\.b|c)"
+    assert gq.interpolate(listed, ["a.b", "c"], None, gq.LOKI_UID) == r"a\\.b|c"
+    assert gq.interpolate(single, 'a"b', None, gq.LOKI_UID) == 'a"b'
+
+
+def test_sql_macros_expand_after_the_variables_as_in_grafana():
+    """Grafana's back end expands $__macro(...) in the text its front end interpolated:
+    a value can carry one, inside a string literal or not."""
+    box = {"box": {"name": "box", "type": "textbox"}}
+    out = gq.expand_sql("SELECT ${box:sqlstring}", values={"box": "$__timeFrom()"}, variables=box)
+    assert out.startswith("SELECT ''20") and out.endswith("Z''")
+    with pytest.raises(ValueError, match="unknown macro"):
+        gq.expand_sql("SELECT ${box:sqlstring}", values={"box": "$__nope(x)"}, variables=box)
+
+
+def test_strict_lexers():
+    assert gq.logql_tokens('{a="x\\"y"} |= `r` [5m]') == [
+        ("OP", "{"), ("ID", "a"), ("OP", "="), ("STR", 'x"y'), ("OP", "}"), ("OP", "|="),
+        ("STR", "r"), ("OP", "["), ("DUR", "5m"), ("OP", "]")]
+    for bad in ('{a="x\\.y"}', '{a="x}', '{a="x\ny"}', "{a=`x}", '{a="x"} \\'):
+        with pytest.raises(gq.LexError):
+            gq.logql_tokens(bad)
+    assert gq.stream_selectors('sum(count_over_time({a="1", b=~"2"} |= "{c=\\"3\\"}" [1m]))') == [
+        {"a": ("=", "1"), "b": ("=~", "2")}]
+    assert gq.sql_tokens("SELECT 'it''s', \"Q\"\"\" -- c\nFROM t WHERE x::int >= $1") == [
+        ("ID", "select"), ("STR", "it's"), ("PUNCT", ","), ("QID", 'Q"'), ("COMMENT", "-- c"),
+        ("ID", "from"), ("ID", "t"), ("ID", "where"), ("ID", "x"), ("OP", "::"), ("ID", "int"),
+        ("OP", ">="), ("PARAM", "1")]
+    assert [k for k, _ in gq.sql_tokens("a--b")] == ["ID", "COMMENT"]
+    for bad in ("SELECT 'x", "SELECT E'x'", "SELECT /* x", 'SELECT "x'):
+        with pytest.raises(gq.LexError):
+            gq.sql_tokens(bad)
+
+
+# How a dashboard variable may appear in a query: inside a string literal of the query's own
+# quotes, through a format whose output cannot end that literal. sqlstring is not enough in
+# SQL: Grafana's PostgreSQL back end expands $__timeFrom() and the other macros after the
+# variables, inside literals too, and those macros write quotes.
+SAFE_REFERENCE = {gq.TRACES_UID: ("'", "percentencode"), gq.LOKI_UID: ('"', "uriencode")}
+# The characters each format leaves as they are (the rest become %XX).
+FORMAT_KEEPS = {"percentencode": set("-_.~"), "uriencode": set("-_.~;,/?:@&=+$#")}
+
+
+def _value_queries():
+    for q in gq.sql_queries() + gq.logql_queries():
+        refs = [(name, fmt, start, end) for name, fmt, start, end in gq.variable_references(q.text)
+                if q.variables.get(name, {}).get("type") in gq.VALUE_VARIABLE_TYPES]
+        if refs:
+            yield q, refs
+
+
+def test_sql_and_logql_take_every_variable_through_an_encoding_format():
+    checked = 0
+    for q, refs in _value_queries():
+        quote, fmt = SAFE_REFERENCE[q.datasource_uid]
+        for name, used, start, end in refs:
+            where = f"{q.source}/{q.panel}: ${{{name}}}"
+            assert used == fmt, f"{where} must be written ${{{name}:{fmt}}}, not with {used!r}"
+            assert q.text[start - 1] == quote and q.text[end] == quote, f"{where} must sit inside {quote}...{quote}"
+            checked += 1
+    assert checked >= 60
+
+
+def test_the_encodings_keep_every_valid_value_as_it_is():
+    """A valid value must survive its encoding unchanged, or the query would not find it."""
+    from app.instances import NAME_RE
+
+    keeps = FORMAT_KEEPS["percentencode"]
+    # instance names (the API refuses any other), trace ids, durations, statuses, buckets
+    assert NAME_RE.pattern == r"^[a-z0-9][a-z0-9_-]{0,62}$", "instance names changed: check the encoding"
+    for value in ["bot", "a-b_c9", "00000000-0000-0000-0000-00000000000f", "10000"]:
+        assert gq.uri_component_strict(value) == value
+    for name, dash in gq.dashboards().items():
+        for var in dash.get("templating", {}).get("list", []):
+            if var.get("type") == "custom":
+                for option in gq.variable_options(var):
+                    assert set(option) <= set("abcdefghijklmnopqrstuvwxyz0123456789") | keeps, (name, option)
+            # Grafana inserts a custom all value as it is: into a LogQL string it must be a
+            # plain regex (SQL compares the percent-encoded .* instead).
+            if var.get("allValue"):
+                assert var["allValue"] in (".*", ".+"), (name, var["name"], var["allValue"])
+    assert gq.uri_component_strict(".*") == ".%2A"
+
+
+def _render(q, name, value):
+    return q.expanded(values={name: [value] if q.variables[name].get("multi") else value})
+
+
+def test_hostile_values_stay_inside_one_string_literal():
+    """Any value of any variable only changes the content of string literals: the query
+    keeps the structure it has with a plain value (strict lexers, macros expanded)."""
+    checked = 0
+    for q, refs in _value_queries():
+        lex = gq.sql_tokens if q.datasource_uid == gq.TRACES_UID else gq.logql_tokens
+        for name in {r[0] for r in refs}:
+            plain = gq.skeleton(lex(_render(q, name, "plainvalue")))
+            for hostile in gq.HOSTILE_VALUES:
+                rendered = _render(q, name, hostile)
+                assert gq.skeleton(lex(rendered)) == plain, f"{q.source}/{q.panel}: {name}={hostile!r}\n{rendered}"
+                if q.datasource_uid == gq.LOKI_UID:
+                    assert len(gq.stream_selectors(rendered)) == 1
+                checked += 1
+    assert checked >= 20 * len(gq.HOSTILE_VALUES)
+
+
+def _same_structure(lex, text: str, plain: str) -> bool:
+    try:
+        return gq.skeleton(lex(text)) == gq.skeleton(lex(plain))
+    except gq.LexError:
+        return False
+
+
+def test_the_hostile_check_fails_the_formats_this_stack_does_not_use():
+    """Why percentencode and uriencode, under the same check. sqlstring keeps the value's own
+    text quoted, but Grafana expands a macro in it afterwards: $__timeFrom() puts its
+    timestamp outside the literal (PostgreSQL fails the query) and an unknown $__x() fails
+    it in Grafana. In LogQL, doublequote leaves a backslash free to escape the closing quote,
+    and json leaves a single string as it is."""
+    [trace] = [q for q in gq.sql_queries() if q.source == "omni-trace-detail.json" and q.panel == "Trace"]
+    as_sqlstring = trace.text.replace("'${trace_id:percentencode}'", "${trace_id:sqlstring}")
+    plain = gq.expand_sql(as_sqlstring, {"trace_id": "x"})
+    macro = gq.expand_sql(as_sqlstring, {"trace_id": "$__timeFrom() OR true -- $__timeFrom()"})
+    assert not _same_structure(gq.sql_tokens, macro, plain)
+    assert "' OR true -- '" in macro     # the value's own text is still quoted
+    with pytest.raises(ValueError, match="unknown macro"):
+        gq.expand_sql(as_sqlstring, {"trace_id": "$__nope(x)"})
+    assert _same_structure(gq.sql_tokens, gq.expand_sql(as_sqlstring, {"trace_id": "' OR '1'='1"}), plain)
+    [logs] = [q for q in gq.logql_queries() if q.source == "omni-trace-detail.json"]
+    for fmt in ("doublequote", "json"):
+        text = logs.text.replace('"${trace_id:uriencode}"', "${trace_id:%s}" % fmt)
+        plain = gq.expand_logql(text, {"trace_id": "x"})
+        broken = [v for v in gq.HOSTILE_VALUES
+                  if not _same_structure(gq.logql_tokens, gq.expand_logql(text, {"trace_id": v}), plain)]
+        assert "\\" in broken, (fmt, broken)
 
 
 def test_loki_config():
@@ -618,9 +837,9 @@ def _slo_cases(rules: dict) -> list[dict]:
     6 h fill the 6 h window; a 2-minute blip needs 10 h (2/600 stays under the 1x budget
     rate of 0.5 %)."""
     history, blip_history = 360, 600
-    msgs = 'omni_messages_total{instance="bot",status="%s"}'
-    count = 'omni_message_duration_seconds_count{instance="bot",status="completed"}'
-    fast = 'omni_message_duration_seconds_bucket{instance="bot",status="completed",le="10"}'
+    msgs = 'omni_messages_total{instance_name="bot",status="%s"}'
+    count = 'omni_message_duration_seconds_count{instance_name="bot",status="completed"}'
+    fast = 'omni_message_duration_seconds_bucket{instance_name="bot",status="completed",le="10"}'
     a4xx = 'omni_upstream_errors_total{upstream="agent",reason="http_4xx"}'
     uids = sorted(rules)
 
@@ -723,15 +942,15 @@ def _failure_cases(rules: dict) -> list[dict]:
                                             "omni-log-records-dropped", "omni-loki-down",
                                             "omni-scrape-failing", "omni-worker-memory-high")
     rec = "omni-receipts-missing"
-    done = 'omni_messages_total{instance="bot",status="completed"}'
-    acks = 'omni_reply_receipt_seconds_count{instance="bot",status="delivered"}'
+    done = 'omni_messages_total{instance_name="bot",status="completed"}'
+    acks = 'omni_reply_receipt_seconds_count{instance_name="bot",status="delivered"}'
     return [
         {"name": "replies sent and no receipt for 30 minutes fire", "interval": "1m",
          "input_series": [{"series": done, "values": "0+2x80"}, {"series": acks, "values": "0x80"}],
          "alert_rule_test": [_alert(rec, rules, "5m", False), _alert(rec, rules, "40m", True)]},
         {"name": "receipts coming back, or no traffic at all, do not fire", "interval": "1m",
          "input_series": [{"series": done, "values": "0+2x80"}, {"series": acks, "values": "0+2x80"},
-                          {"series": 'omni_messages_total{instance="quiet",status="completed"}', "values": "0x80"}],
+                          {"series": 'omni_messages_total{instance_name="quiet",status="completed"}', "values": "0x80"}],
          "alert_rule_test": [_alert(rec, rules, "60m", False)]},
         {"name": "a quiet hour does not fire", "interval": "1m",
          "input_series": [{"series": done, "values": "0x80"}, {"series": acks, "values": "0x80"}],
@@ -933,6 +1152,132 @@ def test_slo_dashboard():
     for rec in ("omni:slo_availability:budget_remaining", "omni:slo_latency:budget_remaining",
                 "omni:slo_target:availability", "omni:slo_availability:burn_rate1h"):
         assert rec in exprs
+
+
+# Unit ids of Grafana's value formats (packages/grafana-data/src/valueFormats/categories.ts)
+# that fit this service's figures; custom units are `<kind>:<text>`.
+GRAFANA_UNITS = {
+    "none", "short", "percent", "percentunit", "locale", "bytes", "decbytes", "bits",
+    "ns", "µs", "ms", "s", "m", "h", "d", "dtdurations", "dtdurationms",
+    "cps", "ops", "reqps", "rps", "wps", "iops", "cpm", "opm", "rpm", "wpm",
+    "currencyUSD", "currencyEUR", "dateTimeAsIso", "dateTimeFromNow",
+}
+_CUSTOM_UNIT = re.compile(r"(prefix|suffix|si|count|currency|time|bool|bool_yes_no|bool_on_off):.+")
+# Panels that keep a fixed window in rate()/increase(): a figure of that window, named so in
+# the title. Everything else follows the panel's resolution ($__rate_interval).
+FIXED_WINDOW_PANELS = {
+    ("omni-overview.json", "Success rate (last 5 m)"): "[5m]",
+    ("omni-overview.json", "Agent cost per day by instance (trailing 24 h)"): "[1d]",
+}
+
+
+def _metric_panels():
+    for name, dash in gq.dashboards().items():
+        for panel in gq.iter_panels(dash["panels"]):
+            # rows and text panels show no values; a logs panel shows lines, which have no unit
+            if panel["type"] not in ("row", "text", "logs"):
+                yield name, panel
+
+
+def test_every_panel_has_a_unit_thresholds_mappings_and_a_no_data_text():
+    panels = list(_metric_panels())
+    assert len(panels) >= 70
+    for name, panel in panels:
+        where = f"{name}/{panel['title']}"
+        d = panel["fieldConfig"]["defaults"]
+        unit = d.get("unit")
+        assert unit in GRAFANA_UNITS or (unit and _CUSTOM_UNIT.fullmatch(unit)), f"{where}: unit {unit!r}"
+        steps = (d.get("thresholds") or {}).get("steps") or []
+        assert d["thresholds"].get("mode") in ("absolute", "percentage") and steps, f"{where}: no thresholds"
+        assert steps[0]["value"] is None, f"{where}: thresholds need a base step"
+        assert [s["value"] for s in steps[1:]] == sorted(s["value"] for s in steps[1:]), where
+        assert isinstance(d.get("mappings"), list), f"{where}: no value mappings"
+        for m in d["mappings"]:
+            assert m["type"] in ("value", "range", "regex", "special"), where
+            if m["type"] == "special":
+                assert m["options"]["match"] in ("null", "nan", "null+nan", "true", "false", "empty"), where
+        # What an empty result reads as: 0 for counts and rates, a word where 0 would lie.
+        assert isinstance(d.get("noValue"), str) and d["noValue"], f"{where}: no noValue"
+        if unit == "percentunit" and panel["type"] in ("stat", "timeseries", "bargauge"):
+            assert d["noValue"] != "0", f"{where}: no traffic is not 0 %"
+
+
+def test_status_columns_and_scrape_state_have_value_mappings():
+    statuses = {"omni-traces.json": {"completed", "failed", "error", "processing"},
+                "omni-trace-detail.json": {"completed", "failed", "error", "processing"}}
+    found = 0
+    for name, panel in _metric_panels():
+        sql = " ".join(t.get("rawSql", "") for t in panel.get("targets", []))
+        if panel["type"] != "table" or not re.search(r"(?:^|[\s,])(?:\w+\.)?status(?:\s+AS\s+status)?\s*,", sql):
+            continue
+        overrides = {o["matcher"]["options"]: o for o in panel["fieldConfig"]["overrides"]
+                     if o["matcher"]["id"] == "byName"}
+        assert "status" in overrides, f"{name}/{panel['title']}: status column without value mappings"
+        [mapping] = [p["value"][0] for p in overrides["status"]["properties"] if p["id"] == "mappings"]
+        wanted = {"success", "failed"} if panel["title"] == "Steps" else statuses[name]
+        assert set(mapping["options"]) == wanted, f"{name}/{panel['title']}"
+        assert all(v.get("color") for v in mapping["options"].values())
+        found += 1
+    assert found == 5
+    overview = gq.dashboards()["omni-overview.json"]
+    [scrape] = [p for p in gq.iter_panels(overview["panels"]) if p["title"] == "Scrape targets and version"]
+    up = [o for o in scrape["fieldConfig"]["overrides"] if o["matcher"]["options"] == "Value #A"][0]
+    [mapping] = [p["value"][0] for p in up["properties"] if p["id"] == "mappings"]
+    assert {k: v["text"] for k, v in mapping["options"].items()} == {"0": "DOWN", "1": "UP"}
+
+
+def test_panel_rates_follow_the_rate_interval():
+    for q in gq.dashboard_queries():
+        if q.datasource_uid != gq.PROMETHEUS_UID or q.ref_id == "var":
+            continue
+        fixed = re.findall(r"\[\d+[smhdwy]\]", q.text)
+        allowed = FIXED_WINDOW_PANELS.get((q.source, q.panel))
+        if allowed:
+            assert set(fixed) == {allowed}, f"{q.source}/{q.panel}: {fixed}"
+            assert re.search(r"\d+ ?[mhd]", q.panel), f"{q.panel}: the title must name the window"
+            continue
+        assert not fixed, f"{q.source}/{q.panel}: fixed window {fixed}; use [$__rate_interval]"
+        if re.search(r"\b(rate|increase|irate)\(", q.text):
+            assert "[$__rate_interval]" in q.text, f"{q.source}/{q.panel}"
+
+
+def _instance_name_series() -> set[str]:
+    """Metrics and recorded series that carry the instance_name label."""
+    names = set(INSTANCE_NAME_METRICS)
+    names |= {n + suffix for n in INSTANCE_NAME_METRICS for suffix in ("_bucket", "_count", "_sum")}
+    for f in (ROOT / "prometheus" / "rules").glob("*.yml"):
+        for g in yaml.safe_load(f.read_text())["groups"]:
+            for r in g["rules"]:
+                if r.get("record", "").split(":")[0].startswith("instance_name"):
+                    names.add(r["record"])
+    return names
+
+
+def test_every_panel_honours_the_instance_name_variable():
+    labelled = _instance_name_series()
+    selector = re.compile(r"\b([a-z_][a-z0-9_]*(?::[a-z0-9_]+)*)(\{[^{}]*\})?")
+    filtered = 0
+    for q in gq.dashboard_queries():
+        if q.ref_id == "var":
+            continue
+        if "instance_name" not in q.variables:
+            # omni-slo: the SLIs are over every instance together (docs/slo.md); the
+            # trace detail shows one trace.
+            assert q.source in ("omni-slo.json", "omni-trace-detail.json"), q.source
+            continue
+        where = f"{q.source}/{q.panel}"
+        if q.datasource_uid == gq.PROMETHEUS_UID:
+            for m in selector.finditer(q.text):
+                if m.group(1) in labelled:
+                    assert 'instance_name=~"$instance_name"' in (m.group(2) or ""), f"{where}: {m.group(0)}"
+                    filtered += 1
+        elif q.datasource_uid == gq.TRACES_UID:
+            assert "instance_name" in gq.variables_used(q.text), f"{where}: SQL not filtered by instance"
+            filtered += 1
+        else:
+            assert re.search(r"\| instance=~\S*\$\{instance_name", q.text), f"{where}: LogQL not filtered"
+            filtered += 1
+    assert filtered >= 45
 
 
 def test_every_dashboard_query_names_existing_recording_rules():

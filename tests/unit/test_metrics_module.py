@@ -23,5 +23,5 @@ def test_cached_children_are_the_labelled_series():
 
     a = metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "success")
     assert a is metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "success")
-    assert a is metrics.STEP_DURATION.labels(instance="cache-test", step="agent_called", status="success")
+    assert a is metrics.STEP_DURATION.labels(instance_name="cache-test", step="agent_called", status="success")
     assert a is not metrics.child(metrics.STEP_DURATION, "cache-test", "agent_called", "failed")
