@@ -506,7 +506,7 @@ def test_synthetic_rows_never_reach_the_rollups_or_analytics(pg):
     new = [NewTrace(uuid.uuid4(), 1, "alpha", f"canary-{i}", "whatsapp:+15555550100", "hi",
                     now - dt.timedelta(minutes=i), [], "h:1", synthetic=True) for i in range(20)]
     with conn.cursor() as cur:
-        TraceStore.insert_new(cur, new)
+        TraceStore.write_batch(cur, new, [])
         TraceStore.finish(cur, [FinishedTrace(r.trace_id, rng.choice(["completed", "failed"]), 400 + i, "ok",
                                               [{"step": "agent_called", "status": "success",
                                                 "duration_ms": 300, "timestamp": None}], None, None)
