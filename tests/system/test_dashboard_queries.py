@@ -1,6 +1,6 @@
-"""INTEGRATION TEST (needs the lead's conftest fixtures): every Grafana query against the real backends (issue 4, "How it is proved").
+"""Every Grafana query against the real backends.
 
-Needs fixtures from tests/conftest.py (provided by the lead, not defined here):
+Uses these fixtures of tests/conftest.py:
   * database_url        superuser libpq URL of a throwaway PostgreSQL, all sql/ migrations
                         applied and postgres/init/01-grafana-reader.sh (or equivalent) run
   * grafana_reader_url  the same database as the read-only role grafana_reader

@@ -1,4 +1,4 @@
-"""Prometheus metrics under gunicorn multiprocess mode, scraped for real (SPEC 5, issue 3)."""
+"""Prometheus metrics under gunicorn multiprocess mode, scraped for real (SPEC 5)."""
 from __future__ import annotations
 
 import os
