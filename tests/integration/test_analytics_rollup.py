@@ -18,7 +18,7 @@ from app.db import Database
 from app.traces import analytics
 from app.traces.store import FinishedTrace, NewTrace, TraceStore
 from tests.support import ROOT, migrate
-from tests.test_traces_api import (
+from tests.integration.test_traces_api import (
     INSTANCES,
     STEPS,
     USERS,

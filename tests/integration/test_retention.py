@@ -236,8 +236,8 @@ def test_concurrent_purges_of_every_kind_keep_the_rollups_exact(db):
     rollups used to count those hours twice."""
     from app.db import Database
     from app.traces.store import TraceStore
-    from tests.test_analytics_rollup import assert_rollups_exact, dense_rows
-    from tests.test_traces_api import insert_rows
+    from tests.integration.test_analytics_rollup import assert_rollups_exact, dense_rows
+    from tests.integration.test_traces_api import insert_rows
 
     now = dt.datetime.now(UTC)
     insert_rows(db, dense_rows(3000, now, seed=23, days=4.0))

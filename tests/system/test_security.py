@@ -280,7 +280,7 @@ def test_compose_prometheus_scrapes_with_the_metrics_token(make_service, tmp_pat
 def test_compose_wires_the_metrics_token():
     """omni and Prometheus both read AUTOMAGIK_OMNI_METRICS_TOKEN of .env as the metrics_token
     secret file, which every compose scrape config of omni reads."""
-    from tests.test_stack_config import COMPOSE_FILES, compose_model
+    from tests.system.test_stack_config import COMPOSE_FILES, compose_model
 
     for which in COMPOSE_FILES:
         model = compose_model(which)
