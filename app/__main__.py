@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--days must be 0 or more", file=sys.stderr)
             return 2
         if args.batch < 1:
-            # A batch of 0 would never finish (each round deletes nothing and goes on).
+            # A batch of 0 would never finish (each pass deletes nothing and goes on).
             print("--batch must be 1 or more", file=sys.stderr)
             return 2
         store = TraceStore(Database(settings.database_url, size=1))

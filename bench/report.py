@@ -11,7 +11,7 @@ def _get(d: dict, *path, default=None):
 
 
 def targets(r: dict) -> list[dict]:
-    """One row per figure: value, target, met (None where the issue asks only to report)."""
+    """One row per figure: value, target, met (None where a figure is only reported)."""
     rows = []
 
     def add(figure: str, value, target: str, met) -> None:

@@ -1,7 +1,7 @@
 """`python -m bench [--quick] [--out DIR]`: the omni benchmark suite.
 
 Starts its own PostgreSQL (fsync on), sandboxes, gunicorn services, a Loki receiver and the
-load generators; measures the figures of the issue; writes <out>/<timestamp>.json and .md
+load generators; measures every figure of the report (bench/report.py); writes <out>/<timestamp>.json and .md
 (medians over repeated runs, the machine named) and prints the Markdown table.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from demo.processes import parse_metrics, metric
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The full run stays under 15 minutes with the issue's 10-minute memory run in it: the
+# The full run stays under 15 minutes with the 10-minute memory run in it: the
 # on/off pairs are stable since connections spread over the workers (0.48-0.54 over 10
 # pairs), so 5 short pairs and 2 x 4 s per layer are enough.
 FULL = dict(tp_repeats=5, tp_seconds=4, warmup_seconds=2, profile_seconds=5, layer_repeats=2, layer_seconds=4,

@@ -94,9 +94,9 @@ REPLIES_SQL = """SELECT instance_id, reply_message_id, trace_id, sent_at, delive
 def rows_json(rows: list) -> str:
     """JSON text of rows for a jsonb parameter; NUL characters become U+FFFD.
 
-    PostgreSQL text and jsonb cannot hold NUL. An agent reply or upstream error carrying one
-    used to fail its whole batch: every webhook of that batch got 503 and the other final
-    states of the batch were lost.
+    PostgreSQL text and jsonb cannot hold NUL. Left in, an agent reply or upstream error
+    carrying one would fail its whole batch: every webhook of that batch would get 503 and
+    the other final states of the batch would be lost.
     """
     text = json.dumps(rows, separators=(",", ":"))
     if "\\u0000" in text:

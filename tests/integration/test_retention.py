@@ -233,10 +233,10 @@ def test_purge_batches_hold_at_most_batch_rows_even_with_tied_timestamps(db):
 
 
 def test_concurrent_purges_of_every_kind_keep_the_rollups_exact(db):
-    """Explicit purges (the API's DELETE, the CLI) and periodic ones run at once, round after
-    round with the cutoff moving through partial days: every expired row is deleted once and
-    the rollups equal a recomputation from the rows left. Two subtractions of the same hourly
-    rollups used to count those hours twice."""
+    """Explicit purges (the API's DELETE, the CLI) and periodic ones run at once, pass after
+    pass with the cutoff moving through partial days: every expired row is deleted once and
+    the rollups equal a recomputation from the rows left (two subtractions of the same hourly
+    rollups would count those hours twice)."""
     from app.db import Database
     from app.traces.store import TraceStore
     from tests.integration.test_analytics_rollup import assert_rollups_exact, dense_rows

@@ -33,7 +33,7 @@ def test_bench_quick_writes_every_figure(bench_run):
     assert result["mode"] == "quick" and not result["failures"]
     for key in ("cpu", "cores", "memory_gb", "kernel", "python", "postgres"):
         assert result["machine"][key], key
-    # Every figure of issue 5 has a value.
+    # Every figure of the report (bench/report.py) has a value.
     figures = {row["figure"]: row["value"] for row in result["targets"]}
     assert len(figures) >= 16
     missing = [name for name, value in figures.items() if value is None]

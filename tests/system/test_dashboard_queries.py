@@ -1,6 +1,6 @@
 """Every Grafana query against the real backends.
 
-Needs the fixtures of tests/conftest.py:
+Uses these fixtures of tests/conftest.py:
   * database_url        superuser libpq URL of a throwaway PostgreSQL, all sql/ migrations
                         applied and the grafana_reader role created
   * grafana_reader_url  the same database as the read-only role grafana_reader

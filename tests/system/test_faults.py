@@ -1,10 +1,10 @@
-"""Faults against real processes (issue 6): PostgreSQL outage, killed workers, SIGTERM and
+"""Faults against real processes: PostgreSQL outage, killed workers, SIGTERM and
 SIGKILL of the whole service, Loki down/slow/500/429, hanging/resetting/garbage/endless
 agents and an unreachable Evolution API.
 
 Every test uses gunicorn with 2 workers (tests.support.Service), the sandbox over real HTTP
-and real PostgreSQL. Figures are printed (run with -s to see them) and summarised in
-docs/guarantees.md.
+and real PostgreSQL. Figures are printed (run with -s to see them); README.md, section
+Guarantees, lists each promise with its test.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from tests.support import PYTHON, ROOT, Service, free_port, metric, migrate, par
 pytestmark = pytest.mark.fault
 
 
-# The PostgreSQL outage of issue 6: 30 s, well past the instance cache (5 s), the writer's
+# The PostgreSQL outage: 30 s, well past the instance cache (5 s), the writer's
 # back-off (1 s) and the pool's reconnects.
 OUTAGE_S = 30.0
 FLOW_RATE = 20.0

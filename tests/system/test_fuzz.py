@@ -1,4 +1,4 @@
-"""Bad input (issue 6): schemathesis driven by app/openapi.json over every endpoint of a
+"""Bad input: schemathesis driven by app/openapi.json over every endpoint of a
 running service, with and without a valid key, then hand-written hostile inputs: SQL
 injection in every filter and path parameter, invalid UUIDs, dates and numbers out of range,
 deeply nested and huge JSON, wrong content types, non-UTF-8 bytes, oversized headers.

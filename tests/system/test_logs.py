@@ -1,4 +1,4 @@
-"""JSON logs on stdout and pushed to Loki, from real gunicorn workers (SPEC 5, issue 3)."""
+"""JSON logs on stdout and pushed to Loki, from real gunicorn workers (SPEC 5)."""
 from __future__ import annotations
 
 import json

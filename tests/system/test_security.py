@@ -1,4 +1,4 @@
-"""Security (issue 6): brute-force limits, constant-time comparison, secrets kept out of
+"""Security: brute-force limits, constant-time comparison, secrets kept out of
 logs/traces/errors/metrics, the /metrics bearer token, webhook rate limits, compose exposure.
 
 Brute-force tests run on their own services: blocking 127.0.0.1 on the shared session
