@@ -98,7 +98,7 @@ def test_hostile_values_select_no_more_than_a_missing_value(traffic, grafana_rea
             for name in _value_variables(query):
                 var = query.variables[name]
 
-                def run(*values):
+                def run(*values, var=var, query=query, name=name):
                     value = list(values) if var.get("multi") else values[0]
                     return _outcome(cur, query.expanded(values={name: value}, time_to=until))
 

@@ -61,7 +61,9 @@ def test_known_series_start_at_zero(make_service):
     svc = make_service(workers=1)
     samples = parse_metrics(svc.metrics_text())
     for upstream in ("agent", "evolution", "database", "loki"):
-        assert ("omni_upstream_errors_total", frozenset({("upstream", upstream), ("reason", "connection" if upstream != "database" else "unavailable")})) in samples
+        reason = "connection" if upstream != "database" else "unavailable"
+        labels = frozenset({("upstream", upstream), ("reason", reason)})
+        assert ("omni_upstream_errors_total", labels) in samples
     assert samples[("omni_log_records_dropped_total", frozenset())] == 0
     assert samples[("omni_cost_budget_usd_per_day", frozenset())] == 0   # no cost alert
     assert metric(samples, "omni_webhook_rejected_total", reason="unknown_instance") == 0

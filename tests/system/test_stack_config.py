@@ -193,7 +193,7 @@ def test_gen_env_writes_private_random_env_once(tmp_path):
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     content = env_file.read_text()
     assert "change-me" not in content
-    secrets = {k: v for k, v in (l.split("=", 1) for l in content.splitlines() if "=" in l and not l.startswith("#"))}
+    secrets = {k: v for k, v in (line.split("=", 1) for line in content.splitlines() if "=" in line and not line.startswith("#"))}
     keys = ("AUTOMAGIK_OMNI_API_KEY", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "GRAFANA_DB_PASSWORD")
     assert all(len(secrets[k]) >= 24 for k in keys)
     assert len({secrets[k] for k in keys}) == len(keys), "secrets must differ"
@@ -225,7 +225,7 @@ def test_shell_scripts_parse():
 
 def test_grant_sql_never_exposes_content_or_instance_table():
     sql = (ROOT / "sql" / "003_grafana_reader_grants.sql").read_text()
-    code = "\n".join(l for l in sql.splitlines() if not l.lstrip().startswith("--"))
+    code = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
     assert "grafana_reader" in code and "message_trace" in code
     for forbidden in ("message_content", "response_content", "ON public.instance", "ON instance", "ALL PRIVILEGES"):
         assert forbidden not in code
@@ -376,7 +376,8 @@ def _alert_test_cases(rules: dict) -> list[dict]:
          "input_series": [{"series": msgs % "completed", "values": "0+10x60"}, {"series": msgs % "error", "values": "0+1x60"}],
          "alert_rule_test": [_alert(fail, rules, "10m", False)]},
         {"name": "failures among fewer than 10 messages do not fire", "interval": "15s",
-         "input_series": [{"series": msgs % "completed", "values": "0x30 1x30"}, {"series": msgs % "failed", "values": "0x30 1x30"}],
+         "input_series": [{"series": msgs % "completed", "values": "0x30 1x30"},
+                          {"series": msgs % "failed", "values": "0x30 1x30"}],
          "alert_rule_test": [_alert(fail, rules, "10m", False)]},
         {"name": "no traffic does not fire the failure alert", "interval": "15s",
          "input_series": [{"series": msgs % "completed", "values": "0x60"}],
@@ -1339,8 +1340,8 @@ def test_database_url_secret_is_built_from_the_password():
 
 def test_compose_stops_on_an_old_env_without_the_database_url(tmp_path):
     old = tmp_path / ".env"
-    old.write_text("\n".join(l for l in ENV_EXAMPLE.read_text().splitlines()
-                             if not l.startswith("AUTOMAGIK_OMNI_DATABASE_URL=")) + "\n")
+    old.write_text("\n".join(line for line in ENV_EXAMPLE.read_text().splitlines()
+                             if not line.startswith("AUTOMAGIK_OMNI_DATABASE_URL=")) + "\n")
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME")}
     res = run([compose_bin(), "--env-file", str(old), "-f", "docker-compose.yml", "config", "-q"], env=env)
     # compose names the fix (it carries on: errors in x- fields are not fatal to it) ...
@@ -1382,7 +1383,7 @@ def test_gen_env_completes_an_old_file_with_fresh_secrets(tmp_path):
     old.write_text("AUTOMAGIK_OMNI_API_KEY=kept-as-it-was\n")
     res = run(["sh", str(ROOT / "scripts" / "gen-env.sh"), str(old), str(ENV_EXAMPLE)])
     assert res.returncode == 0, res.stderr
-    values = dict(l.split("=", 1) for l in old.read_text().splitlines() if "=" in l and not l.startswith("#"))
+    values = dict(line.split("=", 1) for line in old.read_text().splitlines() if "=" in line and not line.startswith("#"))
     assert values["AUTOMAGIK_OMNI_API_KEY"] == "kept-as-it-was"
     assert set(values) == set(_env_example())
     assert "change-me" not in old.read_text() and len(values["GRAFANA_DB_PASSWORD"]) >= 24
