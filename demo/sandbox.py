@@ -56,6 +56,7 @@ Environment (all optional):
     SANDBOX_RECEIPT_SHARE              share of sends delivered (1.0)
     SANDBOX_READ_SHARE                 share of the delivered ones read (0.8)
     SANDBOX_SENT_LIMIT                 sends kept for GET /sent (10000)
+    SANDBOX_CALLS_LIMIT                agent calls kept for GET /calls (1000)
 
 Run with ``python -m demo.sandbox [--host H] [--port P]``.
 """
@@ -201,6 +202,7 @@ def config_from_env(env: Mapping[str, str] | None = None) -> SandboxConfig:
         receipt_share=_env_float(env, "SANDBOX_RECEIPT_SHARE", 1.0, 0.0, 1.0),
         read_share=_env_float(env, "SANDBOX_READ_SHARE", 0.8, 0.0, 1.0),
         sent_limit=_env_int(env, "SANDBOX_SENT_LIMIT", 10_000, 1, 10_000_000),
+        calls_limit=_env_int(env, "SANDBOX_CALLS_LIMIT", 1_000, 1, 10_000_000),
     )
 
 

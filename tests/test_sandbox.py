@@ -611,10 +611,12 @@ def test_runtime_faults_win_over_directives_and_switch_off():
     assert out["after"] == (200, 201)
 
 
-def test_sent_limit_from_env():
-    assert sandbox.config_from_env({"SANDBOX_SENT_LIMIT": "50000"}).sent_limit == 50_000
-    with pytest.raises(sandbox.ConfigError, match="SANDBOX_SENT_LIMIT"):
-        sandbox.config_from_env({"SANDBOX_SENT_LIMIT": "0"})
+def test_sent_and_calls_limits_from_env():
+    cfg = sandbox.config_from_env({"SANDBOX_SENT_LIMIT": "50000", "SANDBOX_CALLS_LIMIT": "7"})
+    assert cfg.sent_limit == 50_000 and cfg.calls_limit == 7
+    for name in ("SANDBOX_SENT_LIMIT", "SANDBOX_CALLS_LIMIT"):
+        with pytest.raises(sandbox.ConfigError, match=name):
+            sandbox.config_from_env({name: "0"})
 
 
 # ---------------------------------------------------------------- loadgen
