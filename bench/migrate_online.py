@@ -202,6 +202,7 @@ def stats(answers: list, lo: float, hi: float) -> dict:
     refused = [a for a in sel if a[2] is None or not 200 <= a[2] < 300]
 
     def pct(q: float) -> float | None:
+        """The q-quantile of the latencies (nearest rank)."""
         return ms[min(len(ms) - 1, max(0, int(round(q * len(ms) + 0.5)) - 1))] if ms else None
 
     return {"webhooks": len(sel), "refused": len(refused),
@@ -369,6 +370,7 @@ def run(cfg: dict, mode: str, out_dir: Path) -> int:
         machine = f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"
 
         def start_new() -> Service:
+            """This tree's service on the same database."""
             return Service(db_url, env, workers=2,
                            log_path=out_dir / f"migrate-online-{stamp}-new.log").start()
 
