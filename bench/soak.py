@@ -506,8 +506,10 @@ def account(deliveries: list[Delivery], rows: dict[str, dict], sent: list[dict],
             "outcome_without_call": row is not None and row["status"] in ("completed", "failed")
                                     and calls_n == 0,
             # Answered only `duplicate`: the row was committed by an attempt whose answer was
-            # lost (a 503 after a slow commit, a reset); its worker still owes the processing.
-            "duplicate_never_processed": d.outcome == "duplicate" and calls_n == 0,
+            # lost (a 503 after a slow commit, a reset); its worker still owes the processing,
+            # unless the soak killed that worker first (its messages end `error` unprocessed).
+            "duplicate_never_processed": d.outcome == "duplicate" and calls_n == 0
+                                         and not (exited and int(exited.group(1)) in killed),
             # Left unfinished by a worker that exited cleanly (not the one killed), or found
             # by the startup recovery after a clean restart: a message its worker dropped.
             "recovered_after_clean_exit": bool(exited and int(exited.group(1)) not in killed)
