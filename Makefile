@@ -14,7 +14,7 @@ LOKI_URL ?=
 GRAFANA_URL ?= http://127.0.0.1:3000
 SANDBOX_URL ?= http://127.0.0.1:8890
 
-.PHONY: help up run down clean logs ps test test-unit lint bench check smoke grafana-reset-admin venv tools
+.PHONY: help up run down clean logs ps test test-unit lint bench soak check smoke grafana-reset-admin venv tools
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -70,6 +70,9 @@ lint: venv ## ruff on the whole tree, mypy on app/ (settings in pyproject.toml)
 
 bench: venv tools ## benchmarks (QUICK=1 for a short smoke run)
 	$(PY) -m bench $(if $(QUICK),--quick)
+
+soak: venv tools ## chaos soak: 10 min at 50 msg/s under scheduled faults (QUICK=1: about 2 min)
+	$(PY) -m bench.soak $(if $(QUICK),--quick)
 
 check: venv tools ## validate compose, Dockerfile, Prometheus, Loki and Grafana files offline
 	$(PY) -m pytest -q tests/system/test_stack_config.py

@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import random
+import re
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -21,6 +24,15 @@ log = logging.getLogger("omni.db")
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 # Any constant works; it only has to be the same for every process running migrations.
 MIGRATION_LOCK_ID = 72_011_001
+# An ALTER TABLE queued behind a long transaction (a dashboard query, a report) holds up
+# every writer queued behind it until it gets its lock: webhooks would stall, and past the
+# commit wait be refused. So the runner first takes the tables the pending migrations alter,
+# giving up each try after MIGRATION_LOCK_TRY_MS (a writer waits at most that long) and
+# trying again until MIGRATION_LOCK_PATIENCE_S.
+MIGRATION_LOCK_TRY_MS = 200
+MIGRATION_LOCK_PATIENCE_S = 120.0
+_ALTERED = re.compile(r"\bALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?"
+                      r"([A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)?)", re.IGNORECASE)
 
 psycopg2.extras.register_uuid()
 
@@ -187,6 +199,57 @@ def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
     return files
 
 
+def altered_tables(scripts: list[str]) -> list[str]:
+    """Tables named by ALTER TABLE in the scripts (comments skipped), in order of appearance."""
+    names: list[str] = []
+    for script in scripts:
+        for name in _ALTERED.findall(re.sub(r"--[^\n]*", "", script)):
+            if name.lower() not in names:
+                names.append(name.lower())
+    return names
+
+
+def _lock_altered_tables(cur: Any, scripts: list[str]) -> None:
+    """Hold ACCESS EXCLUSIVE on the existing tables the scripts alter, for the transaction.
+
+    Taken in the order the scripts name them (writers take message_trace before the rollups
+    its triggers write), each try bounded so writers never queue long behind it.
+    """
+    tables = []
+    for name in altered_tables(scripts):
+        cur.execute("SELECT to_regclass(%(n)s)::text", {"n": name})
+        found = cur.fetchone()[0]
+        if found is not None:
+            tables.append(found)
+    if not tables:
+        return
+    deadline = time.monotonic() + MIGRATION_LOCK_PATIENCE_S
+    tries = 0
+    while True:
+        tries += 1
+        cur.execute("SAVEPOINT omni_migration_locks")
+        try:
+            cur.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TRY_MS}ms'")
+            # Names come from to_regclass, already quoted where needed.
+            cur.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+        except psycopg2.errors.LockNotAvailable:
+            cur.execute("ROLLBACK TO SAVEPOINT omni_migration_locks")
+            if time.monotonic() > deadline:
+                raise DatabaseError(
+                    f"migrations not applied: {', '.join(tables)} stayed in use by another "
+                    f"transaction for {MIGRATION_LOCK_PATIENCE_S:g} s ({tries} tries); run "
+                    "`python -m app migrate` again once it has ended") from None
+            time.sleep(random.uniform(0.3, 0.7))
+            continue
+        cur.execute("RELEASE SAVEPOINT omni_migration_locks")
+        # The migrations' own statements run with the timeouts they set themselves.
+        cur.execute("SET LOCAL lock_timeout TO DEFAULT")
+        if tries > 1:
+            log.info("migration locks taken", extra={"event": "migration_locks", "tables": tables,
+                                                     "tries": tries})
+        return
+
+
 def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply pending migrations in one transaction under an advisory lock; return what ran."""
     conn = connect_once(url, connect_timeout=10)
@@ -201,9 +264,9 @@ def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[str]:
                                applied_at timestamptz NOT NULL DEFAULT now())""")
             cur.execute("SELECT version FROM schema_migrations")
             done = {row[0] for row in cur.fetchall()}
-            for path in migration_files(sql_dir):
-                if path.name in done:
-                    continue
+            pending = [path for path in migration_files(sql_dir) if path.name not in done]
+            _lock_altered_tables(cur, [path.read_text() for path in pending])
+            for path in pending:
                 cur.execute(path.read_text())
                 cur.execute("INSERT INTO schema_migrations (version) VALUES (%(v)s)", {"v": path.name})
                 applied.append(path.name)

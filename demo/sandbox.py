@@ -26,6 +26,17 @@ by background tasks, retried on 5xx and connection errors, never on 4xx.
 ``GET /receipts`` lists the receipts sent with the gateway's answers (newest first),
 ``DELETE /receipts`` forgets them.
 
+Outages on a schedule (the chaos soak, bench/soak.py) are switched at run time rather than
+written into each message, so they also hit messages already in flight:
+
+    PUT /faults {"agent_status": 500}   every agent call answers 500 (any 200-599)
+    PUT /faults {"agent_hang": true}    every agent call hangs until the client gives up
+    PUT /faults {"evo_status": 503}     every sendText answers that status
+    GET /faults, DELETE /faults         what is on; everything off
+
+A PUT changes only the keys it names (null turns one off); a fault that is on wins over
+the message's directives and the latency model.
+
 Environment (all optional):
 
     SANDBOX_HOST, SANDBOX_PORT         bind address (127.0.0.1:8890)
@@ -44,6 +55,8 @@ Environment (all optional):
     SANDBOX_READ_DELAY_MS              DELIVERY_ACK to READ (1500)
     SANDBOX_RECEIPT_SHARE              share of sends delivered (1.0)
     SANDBOX_READ_SHARE                 share of the delivered ones read (0.8)
+    SANDBOX_SENT_LIMIT                 sends kept for GET /sent (10000)
+    SANDBOX_CALLS_LIMIT                agent calls kept for GET /calls (1000)
 
 Run with ``python -m demo.sandbox [--host H] [--port P]``.
 """
@@ -188,6 +201,8 @@ def config_from_env(env: Mapping[str, str] | None = None) -> SandboxConfig:
         read_delay_ms=_env_float(env, "SANDBOX_READ_DELAY_MS", 1500.0, 0.0, 3_600_000.0),
         receipt_share=_env_float(env, "SANDBOX_RECEIPT_SHARE", 1.0, 0.0, 1.0),
         read_share=_env_float(env, "SANDBOX_READ_SHARE", 0.8, 0.0, 1.0),
+        sent_limit=_env_int(env, "SANDBOX_SENT_LIMIT", 10_000, 1, 10_000_000),
+        calls_limit=_env_int(env, "SANDBOX_CALLS_LIMIT", 1_000, 1, 10_000_000),
     )
 
 
@@ -219,6 +234,7 @@ class SandboxState:
         self.receipt_tasks: set[asyncio.Task[None]] = set()
         self.receipts_dropped = 0
         self.client: aiohttp.ClientSession | None = None
+        self.faults: dict[str, Any] = dict(NO_FAULTS)
 
     def count_send(self, key: tuple) -> int:
         """How many sends of key arrived before this one (bounded like the other records)."""
@@ -236,6 +252,7 @@ class SandboxState:
 
 
 STATE = web.AppKey("sandbox_state", SandboxState)
+NO_FAULTS: dict[str, Any] = {"agent_status": None, "agent_hang": False, "evo_status": None}
 
 
 def _now_iso() -> str:
@@ -481,6 +498,12 @@ async def handle_agent_run(request: web.Request) -> web.StreamResponse:
         return _error(400, "message_content must be a string")
     stream = body.get("stream") is True
     directives = parse_directives(message)
+    faults = state.faults
+    if faults["agent_hang"]:
+        directives = replace(directives, hang=True)
+    elif faults["agent_status"] is not None:
+        directives = replace(directives, status=faults["agent_status"], garbage=False,
+                             hang=False, endless=False)
     delay_s = agent_delay_s(state, directives)
     status = 200 if (directives.garbage or directives.hang) else agent_status(state, directives)
     outcome = _outcome(directives, status, stream)
@@ -634,7 +657,7 @@ async def handle_send_text(request: web.Request) -> web.Response:
     remote_jid = parse_number(number) if isinstance(text, str) else None
     valid = remote_jid is not None
     directives = parse_directives(text) if isinstance(text, str) else Directives()
-    status = (directives.evo_status or 201) if valid else 400
+    status = (state.faults["evo_status"] or directives.evo_status or 201) if valid else 400
     if valid and directives.evo_fail_first and \
             state.count_send((instance, str(number), text)) < directives.evo_fail_first:
         status = 503
@@ -659,6 +682,39 @@ async def handle_send_text(request: web.Request) -> web.Response:
         return _status_response(status, {"error": f"sandbox evolution answered {status} as asked"})
     schedule_receipts(state, instance, key_id, remote_jid)
     return _status_response(status, sent_message(instance, remote_jid, text, key_id))
+
+
+async def handle_faults_get(request: web.Request) -> web.Response:
+    """GET /faults: the outages switched on."""
+    return web.json_response(request.app[STATE].faults)
+
+
+async def handle_faults_put(request: web.Request) -> web.Response:
+    """PUT /faults: switch outages on or off (only the keys given); 400 names a bad one."""
+    body = await _json_body(request)
+    if body is None:
+        return _error(400, "body must be a JSON object")
+    state = request.app[STATE]
+    faults = dict(state.faults)
+    for key, value in body.items():
+        if key not in NO_FAULTS:
+            return _error(400, f"unknown fault {key!r} (known: {', '.join(NO_FAULTS)})")
+        if key == "agent_hang":
+            if not isinstance(value, bool):
+                return _error(400, "agent_hang must be true or false")
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                    or not 200 <= value <= 599):
+            return _error(400, f"{key} must be an HTTP status 200-599 or null")
+        faults[key] = value
+    state.faults = faults
+    log.info("faults now %s", faults)
+    return web.json_response(faults)
+
+
+async def handle_faults_clear(request: web.Request) -> web.Response:
+    """DELETE /faults: every outage off."""
+    request.app[STATE].faults = dict(NO_FAULTS)
+    return web.json_response(NO_FAULTS)
 
 
 async def handle_sent_list(request: web.Request) -> web.Response:
@@ -760,6 +816,9 @@ def create_app(config: SandboxConfig | None = None) -> web.Application:
     app.router.add_get("/calls", handle_calls)
     app.router.add_delete("/calls", handle_calls_clear)
     app.router.add_get("/health", handle_health)
+    app.router.add_get("/faults", handle_faults_get)
+    app.router.add_put("/faults", handle_faults_put)
+    app.router.add_delete("/faults", handle_faults_clear)
     return app
 
 

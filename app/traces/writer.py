@@ -50,6 +50,9 @@ class TraceWriter:
         self._recheck: collections.deque[tuple[float, ReceiptRow]] = collections.deque()
         self._cond = threading.Condition()
         self._inserts: list[tuple[NewTrace, Future]] = []
+        # New rows whose statement went out on a connection that then broke: committed or
+        # not, nobody knows yet. Written again (the unique key tells) until one answer comes.
+        self._in_doubt: list[tuple[NewTrace, Future]] = []
         self._finishes: collections.deque[FinishedTrace] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -103,7 +106,8 @@ class TraceWriter:
     def pending(self) -> int:
         """Rows not yet committed (queued or in the transaction being written)."""
         with self._cond:
-            return len(self._inserts) + len(self._finishes) + len(self._receipts) + self._writing
+            return (len(self._inserts) + len(self._in_doubt) + len(self._finishes) + len(self._receipts)
+                    + self._writing)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued is written; False if that took too long."""
@@ -133,6 +137,8 @@ class TraceWriter:
     def _finishes_due_at(self) -> float:
         """Monotonic time at which queued final states must be written (inf: none queued)."""
         recheck = self._recheck[0][0] if self._recheck else float("inf")
+        if self._in_doubt:
+            recheck = min(recheck, self._retry_at)
         if not self._finishes and not self._receipts:
             return recheck
         due = self._finish_since + (0.0 if len(self._finishes) >= MAX_BATCH or self._flushing
@@ -149,8 +155,12 @@ class TraceWriter:
                     self._cond.wait(None if wait == float("inf") else max(0.001, wait))
                 if self._stopping and not self._inserts:
                     return
-                inserts, self._inserts = self._inserts[:MAX_BATCH], self._inserts[MAX_BATCH:]
                 now = time.monotonic()
+                doubtful = []
+                if self._in_doubt and now >= self._retry_at:
+                    doubtful, self._in_doubt = self._in_doubt[:MAX_BATCH], self._in_doubt[MAX_BATCH:]
+                room = MAX_BATCH - len(doubtful)
+                inserts, self._inserts = doubtful + self._inserts[:room], self._inserts[room:]
                 due = now >= self._finishes_due_at()
                 finishes = [self._finishes.popleft() for _ in range(min(MAX_BATCH, len(self._finishes)))] \
                     if due else []
@@ -161,7 +171,7 @@ class TraceWriter:
                     recheck.append(self._recheck.popleft()[1])
                 self._writing = len(inserts) + len(finishes) + len(receipts)
             try:
-                self._write(inserts, finishes)
+                self._write(inserts, finishes, len(doubtful))
                 # After the final states: a receipt for a reply finished in this batch matches.
                 if receipts or recheck:
                     self._write_receipts(receipts, recheck)
@@ -169,10 +179,14 @@ class TraceWriter:
                 with self._cond:
                     self._writing = 0
 
-    def _write(self, inserts: list[tuple[NewTrace, Future]], finishes: list[FinishedTrace]) -> None:
+    def _write(self, inserts: list[tuple[NewTrace, Future]], finishes: list[FinishedTrace],
+               doubtful: int = 0) -> None:
+        """Write one batch; the first `doubtful` inserts are rows already in doubt."""
+        sent = False
         try:
             # One statement per batch on an autocommit cursor: no BEGIN/COMMIT round trips.
             with self.db.cursor(dict_rows=False, autocommit=True) as cur:
+                sent = True
                 result = self.store.write_batch(cur, [row for row, _ in inserts], finishes)
             self.batches += 1
             self._retry_at = 0.0
@@ -184,14 +198,26 @@ class TraceWriter:
                 # neighbours: write each row alone so that only its own message suffers.
                 log.warning("trace batch refused, writing its rows one by one",
                             extra={"event": "trace_batch_split", "error": str(exc)})
-                for item in inserts:
-                    self._write([item], [])
+                for i, item in enumerate(inserts):
+                    self._write([item], [], 1 if i < doubtful else 0)
                 for row in finishes:
                     self._write([], [row])
                 return
             reason = "unavailable" if isinstance(exc, DatabaseUnavailable) else "write_failed"
             self.recorder.upstream_failed("database", reason)
-            for _, fut in inserts:
+            # A connection lost once the statement was out (a crash between the commit and its
+            # answer) may have committed the new rows. Refusing them would answer 503 for a
+            # row that exists: its redelivery would be told `duplicate` and nobody would
+            # process it. They are written again instead; their webhooks wait as for a slow
+            # commit, and a row that lands after its webhook gave up is processed then.
+            keep = len(inserts) if sent and isinstance(exc, DatabaseUnavailable) else doubtful
+            if keep:
+                with self._cond:
+                    self._in_doubt[:0] = inserts[:keep]
+                if keep > doubtful:
+                    log.warning("trace insert outcome unknown, writing again",
+                                extra={"event": "trace_insert_in_doubt", "rows": keep - doubtful})
+            for _, fut in inserts[keep:]:
                 fut.set_exception(exc if isinstance(exc, DatabaseUnavailable) else DatabaseUnavailable(str(exc)))
             if not outage:
                 # Retrying the same row would fail forever: it is dropped (a new row's webhook

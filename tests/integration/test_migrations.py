@@ -6,7 +6,10 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import subprocess
+import threading
+import time
 
 import psycopg2
 import pytest
@@ -96,6 +99,92 @@ def test_migrate_reports_an_unreachable_database(pg):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and "database" in r.stderr.lower()
 
+
+def _hold_reader(url: str, seconds: float, started) -> None:
+    """A transaction reading message_trace for `seconds` (a long dashboard query)."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM message_trace")
+            started.set()
+            cur.execute("SELECT pg_sleep(%s)", (seconds,))
+        conn.rollback()
+    finally:
+        conn.close()
+
+
+def _writer_waits(url: str, stop, waits: list) -> None:
+    """What every webhook's insert takes on message_trace, timed, until stop is set."""
+    conn = psycopg2.connect(url)
+    try:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            with conn.cursor() as cur:
+                cur.execute("LOCK TABLE message_trace IN ROW EXCLUSIVE MODE")
+            conn.rollback()
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.05)
+    finally:
+        conn.close()
+
+
+def _with_new_migration(tmp_path, body: str):
+    sql = tmp_path / "sql"
+    sql.mkdir()
+    for f in SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"):
+        shutil.copy(f, sql / f.name)
+    (sql / "999_online_test.sql").write_text(body)
+    return sql
+
+
+def test_a_migration_behind_a_long_reader_never_holds_writers_up(pg, tmp_path):
+    """An ALTER TABLE queued behind a 3 s reader would stall every writer queued behind it
+    (past the webhook's 10 s commit wait when no lock_timeout bounds it): the runner takes
+    its locks in short tries instead, so writers wait at most one try, and applies the
+    migration once the reader is done."""
+    from app.db import MIGRATION_LOCK_TRY_MS, migrate
+
+    url = pg.create_database()
+    migrate(url)
+    sql = _with_new_migration(tmp_path, "ALTER TABLE message_trace ADD COLUMN online_test text;")
+    started, stop, waits = threading.Event(), threading.Event(), []
+    reader = threading.Thread(target=_hold_reader, args=(url, 3.0, started))
+    reader.start()
+    assert started.wait(10)
+    writer = threading.Thread(target=_writer_waits, args=(url, stop, waits))
+    writer.start()
+    t0 = time.monotonic()
+    applied = migrate(url, sql)
+    took = time.monotonic() - t0
+    stop.set()
+    writer.join(10)
+    reader.join(10)
+    assert applied == ["999_online_test.sql"]
+    assert took > 2.0, "the migration did not wait for the reader"
+    assert len(waits) > 10 and max(waits) < MIGRATION_LOCK_TRY_MS / 1000 + 0.5, sorted(waits)[-3:]
+    assert query(url, "SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                      "'message_trace' AND column_name = 'online_test'") == [(1,)]
+
+
+def test_a_migration_gives_up_when_its_tables_stay_busy(pg, tmp_path, monkeypatch):
+    """Past the runner's patience it fails naming the tables, and applies nothing."""
+    import app.db
+    from app.db import DatabaseError, migrate
+
+    url = pg.create_database()
+    migrate(url)
+    sql = _with_new_migration(tmp_path, "CREATE TABLE online_first (x int);\n"
+                                        "ALTER TABLE message_trace ADD COLUMN online_test text;")
+    monkeypatch.setattr(app.db, "MIGRATION_LOCK_PATIENCE_S", 1.0)
+    started = threading.Event()
+    reader = threading.Thread(target=_hold_reader, args=(url, 4.0, started))
+    reader.start()
+    assert started.wait(10)
+    with pytest.raises(DatabaseError, match="message_trace"):
+        migrate(url, sql)
+    reader.join(10)
+    assert query(url, "SELECT count(*) FROM schema_migrations WHERE version = '999_online_test.sql'") == [(0,)]
+    assert query(url, "SELECT to_regclass('online_first')::text") == [(None,)]
 
 # --- index use ---------------------------------------------------------------------------
 

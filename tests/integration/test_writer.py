@@ -70,6 +70,62 @@ def test_an_unexpected_error_fails_the_batch_not_the_thread(writer, monkeypatch)
     assert writer.insert(_row()).result(timeout=10)[1] is True
 
 
+def test_a_commit_whose_answer_was_lost_is_written_again_not_refused(writer, monkeypatch):
+    """PostgreSQL crashing between a commit and its answer: the row exists, the writer saw
+    only a broken connection. The row is written again (the unique key finds it ours), so
+    its webhook is not told 503 for a row that a redelivery would then call `duplicate`."""
+    calls = {"n": 0}
+    original = writer.store.write_batch
+
+    def commit_then_lose_the_connection(cur, rows, finished):
+        calls["n"] += 1
+        result = original(cur, rows, finished)  # autocommit: committed here
+        if calls["n"] == 1:
+            raise DatabaseUnavailable("server closed the connection unexpectedly")
+        return result
+
+    monkeypatch.setattr(writer.store, "write_batch", commit_then_lose_the_connection)
+    row = _row()
+    trace_id, inserted = writer.insert(row).result(timeout=10)
+    assert (trace_id, inserted) == (row.trace_id, True) and calls["n"] == 2
+    assert writer.db.fetchone("SELECT count(*) AS n FROM message_trace WHERE message_id = %(m)s",
+                              {"m": row.message_id})["n"] == 1
+
+
+def test_a_row_in_doubt_that_a_redelivery_wrote_first_is_a_duplicate(writer, monkeypatch):
+    """The lost statement did not commit and the redelivery's row landed first: the row in
+    doubt resolves as not inserted, so only the redelivery's worker processes the message."""
+    calls = {"n": 0}
+    original = writer.store.write_batch
+
+    def lose_the_connection_once(cur, rows, finished):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise DatabaseUnavailable("server closed the connection unexpectedly")
+        return original(cur, rows, finished)
+
+    monkeypatch.setattr(writer.store, "write_batch", lose_the_connection_once)
+    first = _row("redelivered")
+    pending = writer.insert(first)
+    time.sleep(0.2)  # the first attempt failed; its retry waits for the back-off
+    again = _row("redelivered")
+    assert writer.insert(again).result(timeout=10) == (again.trace_id, True)
+    assert pending.result(timeout=10) == (again.trace_id, False)
+
+
+def test_a_database_that_refuses_connections_still_fails_inserts_at_once(fresh_db):
+    """Nothing was sent, so nothing is in doubt: the webhook can answer 503 right away."""
+    db = Database("postgresql://nobody@127.0.0.1:1/none", size=1)
+    w = TraceWriter(db, TraceStore(db))
+    w.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            w.insert(_row()).result(timeout=10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        w.stop(timeout=1)
+
 def _finished(trace_id: uuid.UUID) -> FinishedTrace:
     return FinishedTrace(trace_id=trace_id, status="completed", duration_ms=5, response_content="ok",
                          steps=[], failed_step=None, error_message=None)

@@ -554,6 +554,71 @@ def test_storage_bounds_in_process():
     assert [a["body"]["n"] for a in alerts] == [11, 10, 9]
 
 
+def test_runtime_faults_win_over_directives_and_switch_off():
+    async def scenario() -> dict:
+        app = sandbox.create_app(sandbox.SandboxConfig())
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        out: dict = {}
+        run = {"message_content": "hi #status=200", "user_id": "u", "session_name": "s"}
+        send = {"number": "5511999990000", "text": "Echo: hi"}
+        try:
+            async with aiohttp.ClientSession() as client:
+                async def agent(timeout: float = 5.0) -> int | str:
+                    try:
+                        async with client.post(f"{base}/api/v1/agent/default/run", json=run,
+                                               timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                            return r.status
+                    except asyncio.TimeoutError:
+                        return "timeout"
+
+                async def evo() -> int:
+                    async with client.post(f"{base}/message/sendText/x", json=send) as r:
+                        return r.status
+
+                async def put(body: dict) -> tuple[int, dict]:
+                    async with client.put(f"{base}/faults", json=body) as r:
+                        return r.status, await r.json()
+
+                out["before"] = (await agent(), await evo())
+                out["agent_500"] = await put({"agent_status": 500})
+                out["during_500"] = (await agent(), await evo())
+                await put({"agent_status": None, "agent_hang": True, "evo_status": 503})
+                out["during_hang"] = (await agent(timeout=0.5), await evo())
+                async with client.get(f"{base}/faults") as r:
+                    out["listed"] = await r.json()
+                out["bad"] = [(await put(b))[0] for b in
+                              ({"agent_status": 42}, {"agent_hang": "yes"}, {"evo": 503},
+                               {"evo_status": True})]
+                async with client.delete(f"{base}/faults") as r:
+                    out["cleared"] = await r.json()
+                out["after"] = (await agent(), await evo())
+        finally:
+            await runner.cleanup()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["before"] == (200, 201)
+    assert out["agent_500"] == (200, {"agent_status": 500, "agent_hang": False, "evo_status": None})
+    assert out["during_500"] == (500, 201)
+    assert out["during_hang"] == ("timeout", 503)
+    assert out["listed"] == {"agent_status": None, "agent_hang": True, "evo_status": 503}
+    assert out["bad"] == [400, 400, 400, 400]
+    assert out["cleared"] == {"agent_status": None, "agent_hang": False, "evo_status": None}
+    assert out["after"] == (200, 201)
+
+
+def test_sent_and_calls_limits_from_env():
+    cfg = sandbox.config_from_env({"SANDBOX_SENT_LIMIT": "50000", "SANDBOX_CALLS_LIMIT": "7"})
+    assert cfg.sent_limit == 50_000 and cfg.calls_limit == 7
+    for name in ("SANDBOX_SENT_LIMIT", "SANDBOX_CALLS_LIMIT"):
+        with pytest.raises(sandbox.ConfigError, match=name):
+            sandbox.config_from_env({name: "0"})
+
+
 # ---------------------------------------------------------------- loadgen
 
 

@@ -13,8 +13,8 @@ PATH = re.compile(r"`((?:app|bench|demo|docs|grafana|loki|postgres|prometheus|pr
                   r"/[\w./-]*)(?:::(\w+))?`")
 # `::name` right after a path names another function of the same file.
 MORE = re.compile(r"`::(\w+)`")
-# Written by the chaos soak, which lands separately.
-NOT_YET = {"docs/reliability.md"}
+# Written by `make bench` and `make soak` (git-ignored), so absent from a fresh clone.
+NOT_YET = {"bench/results/"}
 
 
 def _slug(heading: str) -> str:
