@@ -116,7 +116,7 @@ def test_a_row_in_doubt_that_a_redelivery_wrote_first_is_a_duplicate(writer, mon
 def test_a_database_that_refuses_connections_still_fails_inserts_at_once(fresh_db):
     """Nothing was sent, so nothing is in doubt: the webhook can answer 503 right away."""
     db = Database("postgresql://nobody@127.0.0.1:1/none", size=1)
-    w = TraceWriter(db, TraceStore(db))
+    w = TraceWriter(db, TraceStore(db), Recorder())
     w.start()
     try:
         t0 = time.monotonic()
