@@ -39,7 +39,7 @@ from app.db import migrate as apply_migrations
 from app.db import migration_files
 from bench import traces
 from demo.loadgen import build_webhook
-from demo.processes import PYTHON, ROOT, PgCluster, Sandbox, Service, wait_http
+from demo.processes import PYTHON, ROOT, PgCluster, Sandbox, Service, query_rows, wait_http
 
 INSTANCE = "mig"
 RATE = 100.0
@@ -213,13 +213,7 @@ def stats(answers: list, lo: float, hi: float) -> dict:
 
 def db_one(url: str, sql: str, params=None):
     """First column of the first row."""
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
+    return query_rows(url, sql, params)[0][0]
 
 
 def load_traces(url: str, n: int) -> dict:

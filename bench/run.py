@@ -24,7 +24,7 @@ import requests
 
 from bench import load, machine, profile, receipts, stack, traces
 from bench.report import markdown, targets
-from demo.processes import parse_metrics, metric
+from demo.processes import metric, parse_metrics, query_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,13 +56,7 @@ def log(msg: str) -> None:
 
 
 def _db_count(url: str, sql: str, params=None) -> int:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
+    return query_rows(url, sql, params)[0][0]
 
 
 def _sandbox_calls(box) -> int:

@@ -32,7 +32,7 @@ import requests
 
 from demo.loadgen import build_webhook
 from demo.loki_receiver import LokiReceiver
-from demo.processes import (ROOT, PgCluster, Sandbox, Service, metric, migrate, parse_metrics,
+from demo.processes import (ROOT, PgCluster, Sandbox, Service, metric, migrate, parse_metrics, query_rows,
                             wait_http)
 
 INSTANCE = "soak"
@@ -411,22 +411,11 @@ class Injector:
 # --------------------------------------------------------------------------- accounting
 
 
-def db_rows(url: str, sql: str, params=None) -> list[tuple]:
-    """Rows of one query on a fresh connection."""
-    conn = psycopg2.connect(url, connect_timeout=10)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 def drain(url: str, timeout: float) -> tuple[int, float]:
     """Wait until no trace of the run is `processing`; (how many still are, seconds waited)."""
     t0 = time.monotonic()
     while True:
-        left = db_rows(url, "SELECT count(*) FROM message_trace WHERE instance_name = %s "
+        left = query_rows(url, "SELECT count(*) FROM message_trace WHERE instance_name = %s "
                             "AND status = 'processing'", (INSTANCE,))[0][0]
         if left == 0 or time.monotonic() - t0 > timeout:
             return left, round(time.monotonic() - t0, 1)
@@ -767,7 +756,7 @@ def run(cfg: dict, mode: str, out_dir: Path) -> int:
         log("draining")
         stuck, drain_s = drain(db_url, cfg["drain_s"])
         rows = {}
-        for mid, tid, status, step, err in db_rows(
+        for mid, tid, status, step, err in query_rows(
                 db_url, "SELECT message_id, trace_id::text, status, failed_step, error_message "
                         "FROM message_trace WHERE instance_name = %s", (INSTANCE,)):
             rows[mid] = {"trace_id": tid, "status": status, "failed_step": step, "error_message": err}

@@ -127,6 +127,17 @@ class PgCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def query_rows(url: str, sql: str, params=None) -> list[tuple]:
+    """Every row of one query, on a fresh connection (tests and benches, not the service)."""
+    conn = psycopg2.connect(url, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
 def create_database(admin_url: str, name: str | None = None) -> str:
     """CREATE DATABASE on the server of admin_url; returns the new database's URL."""
     from urllib.parse import urlparse, urlunparse
