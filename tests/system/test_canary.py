@@ -13,7 +13,6 @@ import tempfile
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import psycopg2
@@ -24,7 +23,7 @@ from app.config import ConfigError, Settings
 from app.telemetry.recorder import Recorder
 from app.traces.store import FinishedTrace, NewTrace, TraceStore
 from tests.support import (
-    API_KEY, ROOT, LocalHTTPServer, Prometheus, Sandbox, free_port, metric, migrate,
+    API_KEY, ROOT, JsonHandler, LocalHTTPServer, Prometheus, Sandbox, free_port, metric, migrate,
     parse_metrics, rows)
 from tests.integration.test_analytics_rollup import assert_rollups_exact, compute, dense_rows, query
 from tests.integration.test_traces_api import check_analytics, expected_analytics, insert_rows
@@ -168,23 +167,14 @@ def _instance(secret=None, timeout=0.2):
                     evolution_api_key=None, evolution_instance="canary", webhook_secret=secret, enabled=True)
 
 
-class _Webhook(BaseHTTPRequestHandler):
+class _Webhook(JsonHandler):
     answer: tuple[int, dict] = (202, {})
     seen: list = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        status, answer = type(self).answer
-        raw = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
+        self._answer(*type(self).answer)
 
 
 def _run(monkeypatch, *, answer=(202, None), final=None, claim=True, db_fail=False, secret=None,

@@ -10,12 +10,11 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 
 from demo import loadgen
-from tests.support import LocalHTTPServer
+from tests.support import JsonHandler, LocalHTTPServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ID_RE = re.compile(r"3EB0[0-9A-F]{16}")
@@ -228,19 +227,7 @@ class Gateway(LocalHTTPServer):
         self.hooks: list[tuple[str, dict]] = []
 
 
-class GatewayHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _answer(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class GatewayHandler(JsonHandler):
 
     def do_GET(self) -> None:
         self._answer(200, {"name": "demo"})  # the instance exists

@@ -30,7 +30,7 @@ import requests
 from aiohttp import web
 
 from demo import loadgen, sandbox
-from tests.support import LocalHTTPServer
+from tests.support import JsonHandler, LocalHTTPServer
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-gateway-key"
@@ -674,19 +674,7 @@ class StubGateway(LocalHTTPServer):
             return [r for r in self.requests if r["method"] == method and r["path"] == path]
 
 
-class StubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like gunicorn
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _answer(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class StubHandler(JsonHandler):
 
     def _body(self) -> object:
         length = int(self.headers.get("Content-Length") or 0)
