@@ -34,6 +34,7 @@ class Step:
     name: str
     upstream: str
     run: Callable[["Flow", Message], Awaitable[dict]]  # returns extra fields of the step entry
+    retried: bool = False  # its failures carry how many attempts were made
 
 
 async def agent_called(flow: "Flow", msg: Message) -> dict:
@@ -66,7 +67,7 @@ async def evolution_send(flow: "Flow", msg: Message) -> dict:
 
 
 STEPS = (Step("agent_called", "agent", agent_called),
-         Step("evolution_send", "evolution", evolution_send))
+         Step("evolution_send", "evolution", evolution_send, retried=True))
 assert vocabulary.INTAKE_STEPS + tuple(s.name for s in STEPS) == vocabulary.STEPS
 
 
@@ -124,7 +125,7 @@ class Flow:
                     extra = await step.run(self, msg)
                 except UpstreamError as exc:
                     self.recorder_for(msg).upstream_failed(step.upstream, exc.reason)
-                    more = {"attempts": exc.attempts} if step.name == "evolution_send" else {}
+                    more = {"attempts": exc.attempts} if step.retried else {}
                     self.record(msg, step.name, "failed", time.perf_counter() - t0, str(exc), **more)
                     self.finish(msg, "failed", step.name, str(exc))
                     return

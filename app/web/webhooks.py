@@ -159,12 +159,11 @@ def _accept(rt: Runtime, inst, inbound: evolution.Inbound, user_id: str, digits:
     settings = rt.settings
     admission = rt.admission
     synthetic = canary.is_synthetic(inst.name, inbound.message_id, settings.api_key)
-    if not synthetic:
-        rt.recorder.instance_seen(inst.name)
     msg = Message(trace_id=new_trace_id(), instance=inst, user_id=user_id, digits=digits,
                   text=inbound.text, received_at=received_at, started=started,
                   reply_number=inbound.reply_number, synthetic=synthetic)
-    fields = {"message_id": inbound.message_id}
+    recorder = rt.flow.recorder_for(msg)
+    recorder.instance_seen(inst.name)
     timings = dict(zip(INTAKE_STEPS, (t_received, t_validated)))
     for step, seconds in timings.items():
         msg.record(step, "success", seconds)
@@ -176,7 +175,7 @@ def _accept(rt: Runtime, inst, inbound: evolution.Inbound, user_id: str, digits:
     try:
         if rt.writer is not None:
             row = NewTrace(trace_id=msg.trace_id, instance_id=inst.id, instance_name=inst.name,
-                           message_id=fields["message_id"], user_id=user_id,
+                           message_id=inbound.message_id, user_id=user_id,
                            message_content=msg.text if settings.store_message_content else None,
                            created_at=received_at, steps=list(msg.steps), owner=rt.owner,
                            message_type=inbound.message_type, remote_jid=inbound.remote_jid,
@@ -184,7 +183,7 @@ def _accept(rt: Runtime, inst, inbound: evolution.Inbound, user_id: str, digits:
             pending = rt.writer.insert(row)
             trace_id, inserted = pending.result(timeout=COMMIT_WAIT_S)
         else:
-            trace_id, inserted = rt.recent_ids.claim(inst.id, fields["message_id"], msg.trace_id)
+            trace_id, inserted = rt.recent_ids.claim(inst.id, inbound.message_id, msg.trace_id)
     except FutureTimeout:
         # The insert is still queued or running and may yet commit. If it does, the row
         # exists and every redelivery will be answered `duplicate`, so this worker must
@@ -195,21 +194,21 @@ def _accept(rt: Runtime, inst, inbound: evolution.Inbound, user_id: str, digits:
                       "recorded yet, retry later", headers={"Retry-After": RETRY_AFTER_DB},
                       level=logging.ERROR, instance=inst.name) from None
     except DatabaseUnavailable:
-        rt.admission.release()
+        admission.release()
         raise _reject(503, "database_unavailable", "database unavailable; the message was not "
                       "recorded, retry later", headers={"Retry-After": RETRY_AFTER_DB},
                       level=logging.ERROR, instance=inst.name) from None
     except BaseException:
-        rt.admission.release()
+        admission.release()
         raise
     if not inserted:
-        rt.admission.release()
+        admission.release()
         log.info("duplicate delivery", extra={"event": "webhook_duplicate", "trace_id": str(trace_id),
                                               "instance": inst.name})
         return jsonify(status="duplicate", trace_id=str(trace_id)), 200
     rt.flow.emit_steps(msg, timings)
     if inbound.platform_ts is not None:
-        rt.flow.recorder_for(msg).webhook_lag(inst.name, (received_at - inbound.platform_ts).total_seconds())
+        recorder.webhook_lag(inst.name, (received_at - inbound.platform_ts).total_seconds())
     rt.flow.submit(msg)
     return jsonify(status="accepted", trace_id=str(msg.trace_id), instance=inst.name), 202
 
